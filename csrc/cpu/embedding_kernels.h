@@ -1,0 +1,340 @@
+// Embedding-bag kernels (CPU), written once as templates and compiled twice: embedding_generic.cpp
+// (baseline x86-64) and embedding_avx2.cpp (-mavx2 -mfma -mf16c). Each TU wraps this file in its own
+// namespace (fi::generic / fi::avx2); embedding_cpu.cpp picks one at run time.
+//
+// Conventions shared by every function here:
+//   weight   [V, D] row-major, storage type W (float, double, _Float16, bf16)
+//   A        the arithmetic type: double for double tables, float otherwise (fp16/bf16 rows are
+//            converted on load and accumulated in float32)
+//   idx      [N] row indices (int32 or int64), already range-checked by the caller
+//   off      [B + 1] bag boundaries (bag b = idx[off[b] .. off[b+1])), or nullptr: bag b = {idx[b]}
+//   psw      [N] per-sample weights (sum mode only) or nullptr
+//   skip_idx a row that contributes nothing (EmbeddingBag's padding_idx), or -1
+//   maxpos   [B, D] for mode max: the POSITION j in idx of the winning element per (bag, dim), -1 for
+//            an empty bag (positions, not rows, so duplicates of a row inside a bag stay exact)
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef FI_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/embedding_types.h"
+
+namespace FI_KERNEL_NS {
+
+using fi::bf16_t;
+using fi::Mode;
+using fi::Opt;
+
+// ---------------------------------------------------------------- element conversion
+template <typename W, typename A>
+inline A load(const W* p) {
+  return static_cast<A>(*p);
+}
+template <>
+inline float load<bf16_t, float>(const bf16_t* p) {
+  uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename W, typename A>
+inline void store(W* p, A v) {
+  *p = static_cast<W>(v);
+}
+template <>
+inline void store<bf16_t, float>(bf16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
+    p->bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  p->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// acc[0..D) += s * row[0..D). Written as a plain loop over converted elements: GCC vectorises it
+// (vcvtph2ps / shifts + vfmadd) in the AVX2 translation unit.
+template <typename W, typename A>
+inline void axpy_row(A* __restrict acc, const W* __restrict row, A s, int64_t D) {
+#pragma GCC ivdep
+  for (int64_t d = 0; d < D; ++d) acc[d] += s * load<W, A>(row + d);
+}
+template <typename W, typename A>
+inline void add_row(A* __restrict acc, const W* __restrict row, int64_t D) {
+#pragma GCC ivdep
+  for (int64_t d = 0; d < D; ++d) acc[d] += load<W, A>(row + d);
+}
+
+template <typename W>
+inline void prefetch_row(const W* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(W));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 1);
+}
+
+inline int threads_for(int64_t work, int nthreads) {
+  // Below ~a few thousand rows a parallel region costs more than it saves.
+  return work < 2048 ? 1 : std::max(1, nthreads);
+}
+
+// ---------------------------------------------------------------- forward
+// out: [B, D] of A. Every output element is written (empty bag -> 0).
+template <typename W, typename A, typename I, typename O>
+void bag_forward(const W* weight, int64_t D, const I* idx, int64_t N, const O* off, int64_t B, const A* psw,
+                 int mode, int64_t skip_idx, A* out, int64_t* maxpos, int nthreads) {
+  constexpr int64_t PF = 8;  // rows prefetched ahead: covers DRAM latency at ~10 GB/s per core
+  const int nt = threads_for(N, nthreads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<A> accv(static_cast<size_t>(D));
+    A* acc = accv.data();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
+      const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
+      A* o = out + b * D;
+      if (mode == static_cast<int>(Mode::kMax)) {
+        int64_t* mp = maxpos + b * D;
+        bool any = false;
+        for (int64_t j = start; j < end; ++j) {
+          const int64_t r = static_cast<int64_t>(idx[j]);
+          if (r == skip_idx) continue;
+          if (j + PF < N) prefetch_row(weight + static_cast<int64_t>(idx[j + PF]) * D, D);
+          const W* row = weight + r * D;
+          if (!any) {
+            for (int64_t d = 0; d < D; ++d) {
+              o[d] = load<W, A>(row + d);
+              mp[d] = j;
+            }
+            any = true;
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              const A v = load<W, A>(row + d);
+              if (v > o[d]) {  // strict: the first maximum wins, as torch
+                o[d] = v;
+                mp[d] = j;
+              }
+            }
+          }
+        }
+        if (!any)
+          for (int64_t d = 0; d < D; ++d) {
+            o[d] = A(0);
+            mp[d] = -1;
+          }
+        continue;
+      }
+      std::fill(acc, acc + D, A(0));
+      int64_t count = 0;
+      for (int64_t j = start; j < end; ++j) {
+        const int64_t r = static_cast<int64_t>(idx[j]);
+        if (j + PF < N) prefetch_row(weight + static_cast<int64_t>(idx[j + PF]) * D, D);
+        if (r == skip_idx) continue;
+        ++count;
+        if (psw)
+          axpy_row<W, A>(acc, weight + r * D, psw[j], D);
+        else
+          add_row<W, A>(acc, weight + r * D, D);
+      }
+      if (mode == static_cast<int>(Mode::kMean) && count > 0) {
+        const A inv = A(1) / static_cast<A>(count);
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      } else {
+        std::memcpy(o, acc, sizeof(A) * static_cast<size_t>(D));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+// Groups the occurrences of each row (stable LSD radix sort on the row: occurrences keep their
+// position order), sums the row's gradient in that fixed order, then applies the requested update.
+// One thread owns a row from start to end, so the result is bitwise identical for any thread count.
+//
+// Returns the number of distinct rows U touched (skip_idx excluded).
+//   opt kSparse: out_rows[U] (ascending), out_vals[U, D] = summed gradient (coalesced COO)
+//   opt kDense:  dense[V, D] rows of touched indices overwritten with their gradient (others untouched)
+//   opt kSGD:    w += -lr * g                                   hp = {lr}
+//   opt kAdagrad: s1[V,D] += g*g; w += -lr * g / (sqrt(s1)+eps)  hp = {lr, eps}           (torch.optim.Adagrad)
+//   opt kRowWiseAdagrad: s1[V] += mean(g*g); w += -lr*g/(sqrt(s1[r])+eps)  hp = {lr, eps}  (FBGEMM)
+//   opt kAdam:   lazy Adam (torch.optim.SparseAdam), s1 = exp_avg [V,D], s2 = exp_avg_sq [V,D]
+//                hp = {lr, beta1, beta2, eps}; *step is incremented, then
+//                step_size = lr*sqrt(1-beta2^t)/(1-beta1^t) as torch computes it (in double)
+struct BackwardArgs {
+  int64_t V, D, N, B;
+  int mode;
+  int64_t skip_idx;
+  int opt;
+  double hp[4];
+  int nthreads;
+};
+
+template <typename I>
+void radix_sort_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, std::vector<uint32_t>& keys,
+                     std::vector<uint32_t>& pos) {
+  // Input: the kept occurrences in position order. Output: keys ascending, pos ascending per key.
+  std::vector<uint32_t> k2, p2;
+  keys.clear();
+  pos.clear();
+  keys.reserve(static_cast<size_t>(N));
+  pos.reserve(static_cast<size_t>(N));
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t r = static_cast<int64_t>(idx[j]);
+    if (r == skip_idx) continue;
+    keys.push_back(static_cast<uint32_t>(r));
+    pos.push_back(static_cast<uint32_t>(j));
+  }
+  const size_t n = keys.size();
+  int bits = 1;
+  while ((int64_t(1) << bits) < V) ++bits;
+  const int passes = (bits + 10) / 11;
+  const int digit = (bits + passes - 1) / passes;
+  const uint32_t mask = (1u << digit) - 1u;
+  k2.resize(n);
+  p2.resize(n);
+  std::vector<uint32_t> hist(static_cast<size_t>(mask) + 2);
+  for (int p = 0; p < passes; ++p) {
+    const int shift = p * digit;
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (size_t i = 0; i < n; ++i) ++hist[((keys[i] >> shift) & mask) + 1];
+    for (size_t d = 1; d < hist.size(); ++d) hist[d] += hist[d - 1];
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t slot = hist[(keys[i] >> shift) & mask]++;
+      k2[slot] = keys[i];
+      p2[slot] = pos[i];
+    }
+    keys.swap(k2);
+    pos.swap(p2);
+  }
+}
+
+template <typename W, typename A, typename I, typename O>
+int64_t bag_backward(const A* grad_out, W* weight, const I* idx, const O* off, const A* psw,
+                     const int64_t* maxpos, A* s1, A* s2, int64_t* step, int64_t* out_rows, A* out_vals, A* dense,
+                     const BackwardArgs& a) {
+  const int64_t D = a.D, N = a.N, B = a.B;
+  // bag of each position and the per-bag scale (mean: 1 / number of kept elements)
+  std::vector<uint32_t> bag_of(static_cast<size_t>(N));
+  std::vector<A> bag_scale(static_cast<size_t>(B), A(1));
+  const int nt = threads_for(N, a.nthreads);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
+    const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
+    int64_t count = 0;
+    for (int64_t j = start; j < end; ++j) {
+      bag_of[j] = static_cast<uint32_t>(b);
+      count += static_cast<int64_t>(idx[j]) != a.skip_idx;
+    }
+    if (a.mode == static_cast<int>(Mode::kMean) && count > 0) bag_scale[b] = A(1) / static_cast<A>(count);
+  }
+
+  std::vector<uint32_t> keys, pos;
+  radix_sort_rows(idx, N, a.V, a.skip_idx, keys, pos);
+  const int64_t n = static_cast<int64_t>(keys.size());
+  std::vector<int64_t> seg;  // segment starts, plus n at the end
+  seg.reserve(static_cast<size_t>(n / 2 + 2));
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || keys[i] != keys[i - 1]) seg.push_back(i);
+  const int64_t U = static_cast<int64_t>(seg.size());
+  seg.push_back(n);
+
+  double hp0 = a.hp[0];
+  if (a.opt == static_cast<int>(Opt::kAdam)) {
+    const int64_t t = ++(*step);
+    const double bc1 = 1.0 - std::pow(a.hp[1], static_cast<double>(t));
+    const double bc2 = 1.0 - std::pow(a.hp[2], static_cast<double>(t));
+    hp0 = a.hp[0] * std::sqrt(bc2) / bc1;
+  }
+  const A h0 = static_cast<A>(hp0), h1 = static_cast<A>(a.hp[1]), h2 = static_cast<A>(a.hp[2]),
+          h3 = static_cast<A>(a.hp[3]);
+  const bool is_max = a.mode == static_cast<int>(Mode::kMax);
+  const int nt2 = threads_for(n, a.nthreads);
+#pragma omp parallel num_threads(nt2) if (nt2 > 1)
+  {
+    std::vector<A> gv(static_cast<size_t>(D));
+    A* g = gv.data();
+#pragma omp for schedule(dynamic, 256)
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = keys[seg[u]];
+      std::fill(g, g + D, A(0));
+      for (int64_t i = seg[u]; i < seg[u + 1]; ++i) {
+        const int64_t j = pos[i];
+        const int64_t b = bag_of[j];
+        const A* go = grad_out + b * D;
+        if (is_max) {
+          const int64_t* mp = maxpos + b * D;
+          for (int64_t d = 0; d < D; ++d)
+            if (mp[d] == j) g[d] += go[d];
+        } else {
+          const A s = (psw ? psw[j] : A(1)) * bag_scale[b];
+#pragma GCC ivdep
+          for (int64_t d = 0; d < D; ++d) g[d] += s * go[d];
+        }
+      }
+      W* w = weight + r * D;
+      switch (static_cast<Opt>(a.opt)) {
+        case Opt::kSparse:
+          out_rows[u] = r;
+          std::memcpy(out_vals + u * D, g, sizeof(A) * static_cast<size_t>(D));
+          break;
+        case Opt::kDense:
+          std::memcpy(dense + r * D, g, sizeof(A) * static_cast<size_t>(D));
+          break;
+        case Opt::kSGD:
+          for (int64_t d = 0; d < D; ++d) store<W, A>(w + d, load<W, A>(w + d) + (-h0) * g[d]);
+          break;
+        case Opt::kAdagrad: {
+          A* s = s1 + r * D;
+          for (int64_t d = 0; d < D; ++d) {
+            s[d] += g[d] * g[d];
+            store<W, A>(w + d, load<W, A>(w + d) + (-h0) * (g[d] / (std::sqrt(s[d]) + h1)));
+          }
+          break;
+        }
+        case Opt::kRowWiseAdagrad: {
+          A sq = 0;
+          for (int64_t d = 0; d < D; ++d) sq += g[d] * g[d];
+          s1[r] += sq / static_cast<A>(D);
+          const A scale = (-h0) / (std::sqrt(s1[r]) + h1);
+          for (int64_t d = 0; d < D; ++d) store<W, A>(w + d, load<W, A>(w + d) + scale * g[d]);
+          break;
+        }
+        case Opt::kAdam: {
+          A* m = s1 + r * D;
+          A* v = s2 + r * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const A numer = (g[d] - m[d]) * (A(1) - h1) + m[d];
+            const A vsq = (g[d] * g[d] - v[d]) * (A(1) - h2) + v[d];
+            m[d] = numer;
+            v[d] = vsq;
+            store<W, A>(w + d, load<W, A>(w + d) + (-h0) * (numer / (std::sqrt(vsq) + h3)));
+          }
+          break;
+        }
+      }
+    }
+  }
+  return U;
+}
+
+// Position of the first index outside [0, V), or -1 when all are valid.
+template <typename I>
+int64_t first_bad_index(const I* idx, int64_t N, int64_t V) {
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t r = static_cast<int64_t>(idx[j]);
+    if (r < 0 || r >= V) return j;
+  }
+  return -1;
+}
+
+}  // namespace FI_KERNEL_NS

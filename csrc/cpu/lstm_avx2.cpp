@@ -1,0 +1,281 @@
+// AVX2 + FMA tiles of the LSTM recurrence (float32). Compiled with -mavx2 -mfma -mf16c (CMake:
+// files named *_avx2.cpp) and called only when fi::cpu_has_avx2() says the CPU has them.
+//
+// Forward tile: MR rows x (4 gates x 8 hidden units) = MR x 4 ymm accumulators, K = H along the
+// "fwd" panel of W_hh (then K = E along W_ih's panel in the x-input mode); the gate pointwise runs
+// on the accumulators in registers: the GEMM and the cell update are one pass.
+// Backward tile: MRB rows x 16 hidden units = MRB x 2 ymm accumulators of dh = dgates(t+1) W_hh,
+// K = 4H along the "bwd" panel; then the BPTT pointwise for those units.
+#include "cpu/lstm_kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace fi {
+namespace lstm {
+namespace {
+
+// ---------------------------------------------------------------- vector math
+// exp on [-87, 88]: Cody-Waite range reduction + degree-5 polynomial (Cephes expf), ~2 ulp.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline __m256 sigmoid_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+// tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7)
+inline __m256 tanh_ps(__m256 x) {
+  const __m256 two = _mm256_set1_ps(2.0f);
+  return _mm256_fmsub_ps(two, sigmoid_ps(_mm256_mul_ps(two, x)), _mm256_set1_ps(1.0f));
+}
+
+inline __m256i tail_mask(int n) {
+  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+
+inline __m256 ld(const float* p, bool full, __m256i m) {
+  return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+}
+inline void st(float* p, __m256 v, bool full, __m256i m) {
+  if (full) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, m, v);
+}
+
+// acc[r][0..3] += sum_k A_r[k] * panel[k][0..31]
+template <int MR>
+inline void gemm_fwd(const float* const* A, const float* panel, int64_t K, __m256 (&acc)[MR][4]) {
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    const float* pk = panel + k * 32;
+    __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8), b2 = _mm256_loadu_ps(pk + 16),
+           b3 = _mm256_loadu_ps(pk + 24);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A[r] + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
+    }
+    b0 = _mm256_loadu_ps(pk + 32);
+    b1 = _mm256_loadu_ps(pk + 40);
+    b2 = _mm256_loadu_ps(pk + 48);
+    b3 = _mm256_loadu_ps(pk + 56);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A[r] + k + 1);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+  for (; k < K; ++k) {
+    const float* pk = panel + k * 32;
+    const __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8), b2 = _mm256_loadu_ps(pk + 16),
+                 b3 = _mm256_loadu_ps(pk + 24);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A[r] + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+}
+
+template <int MR>
+inline void fwd_tile_mr(const FwdArgs<float>& a, const TileRows<float>& tr, int64_t jb, const float* hprev,
+                        float* hnext, float* cst, int64_t ldst) {
+  const int64_t H = a.H, j0 = jb * 8;
+  const int nu = static_cast<int>(std::min<int64_t>(8, H - j0));
+  const bool full = nu == 8;
+  const __m256i m = tail_mask(nu);
+  __m256 acc[MR][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_setzero_ps();
+  const float* A[MR];
+  for (int r = 0; r < MR; ++r) A[r] = hprev + r * ldst;
+  gemm_fwd<MR>(A, a.whh_packed + jb * H * 32, H, acc);
+  const GateInput<float>& in = a.in;
+  if (in.x) {
+    for (int r = 0; r < MR; ++r) A[r] = in.x.at(tr.row[r], tr.b[r], tr.t[r]);
+    gemm_fwd<MR>(A, in.wih_packed + jb * in.E * 32, in.E, acc);
+  }
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = tr.row[r], b = tr.b[r], t = tr.t[r];
+    if (in.xproj) {
+      const float* xr = in.xproj.at(row, b, t) + j0;
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(xr + g * H, full, m));
+    } else if (in.x) {
+      if (in.bias)
+        for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(in.bias + g * H + j0, full, m));
+    } else {
+      for (int f = 0; f < in.nfields; ++f) {
+        const float* trow = in.tables[f] + in.id(f, b, t) * 4 * H + j0;
+        for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(trow + g * H, full, m));
+      }
+    }
+    const __m256 ig = sigmoid_ps(acc[r][0]);
+    const __m256 fg = sigmoid_ps(acc[r][1]);
+    const __m256 gg = tanh_ps(acc[r][2]);
+    const __m256 og = sigmoid_ps(acc[r][3]);
+    float* cp = cst + r * ldst + j0;
+    const __m256 c = _mm256_fmadd_ps(fg, _mm256_loadu_ps(cp), _mm256_mul_ps(ig, gg));
+    const __m256 h = _mm256_mul_ps(og, tanh_ps(c));
+    _mm256_storeu_ps(cp, c);
+    _mm256_storeu_ps(hnext + r * ldst + j0, h);
+    st(a.out.at(row, b, t) + j0, h, full, m);
+    if (a.gates_ws) {
+      float* gw = a.gates_ws + row * 4 * H + j0;
+      st(gw, ig, full, m);
+      st(gw + H, fg, full, m);
+      st(gw + 2 * H, gg, full, m);
+      st(gw + 3 * H, og, full, m);
+    }
+    if (a.c_ws) st(a.c_ws + row * H + j0, c, full, m);
+  }
+}
+
+// dh[r][0..1] = sum_k A_r[k] * panel[k][0..15]
+template <int MR>
+inline void gemm_bwd(const float* const* A, const float* panel, int64_t K, __m256 (&acc)[MR][2]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* pk = panel + k * 16;
+    const __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(A[r] + k);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+}
+
+template <int MR>
+inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, const TileRows<float>& nxt, int64_t jb,
+                        bool use_gemm, int64_t s, float* dc, int64_t ldst, float* dh_final) {
+  const int64_t H = a.H, j0 = jb * 16, H4 = 4 * H;
+  const int nu = static_cast<int>(std::min<int64_t>(16, H - j0));
+  __m256 dh[MR][2];
+  for (int r = 0; r < MR; ++r) dh[r][0] = dh[r][1] = _mm256_setzero_ps();
+  if (use_gemm) {
+    const float* A[MR];
+    for (int r = 0; r < MR; ++r) A[r] = a.dgates + nxt.row[r] * H4;
+    gemm_bwd<MR>(A, a.whh_bwd + jb * H4 * 16, H4, dh);
+  }
+  const Plan& pl = *a.plan;
+  for (int v = 0; v < 2; ++v) {
+    const int nv = std::min(8, nu - 8 * v);
+    if (nv <= 0) break;
+    const bool full = nv == 8;
+    const __m256i m = tail_mask(nv);
+    const int64_t ju = j0 + 8 * v;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t b = use_gemm ? nxt.b[r] : cur.b[r];
+      __m256 dhv = dh[r][v];
+      if (!use_gemm && a.grad_hn) dhv = ld(a.grad_hn + b * H + ju, full, m);
+      if (dh_final) {
+        st(dh_final + b * H + ju, dhv, full, m);
+        continue;
+      }
+      const int64_t row = cur.row[r], p = cur.p[r];
+      if (a.grad_out) dhv = _mm256_add_ps(dhv, ld(a.grad_out.at(row, b, cur.t[r]) + ju, full, m));
+      const float* gw = a.gates_ws + row * H4 + ju;
+      const __m256 ig = ld(gw, full, m), fg = ld(gw + H, full, m), gg = ld(gw + 2 * H, full, m),
+                   og = ld(gw + 3 * H, full, m);
+      const __m256 tc = tanh_ps(ld(a.c_ws + row * H + ju, full, m));
+      const __m256 one = _mm256_set1_ps(1.0f);
+      float* dcp = dc + r * ldst + ju;  // dense carry [positions, ldst]
+      const __m256 dcv = _mm256_fmadd_ps(_mm256_mul_ps(dhv, og), _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(dcp));
+      __m256 cprev = _mm256_setzero_ps(), hprev = _mm256_setzero_ps();
+      if (s > 0) {
+        const int64_t tp = pl.time_of(s - 1, p, a.reverse);
+        const int64_t prow = pl.offsets[tp] + p;
+        cprev = ld(a.c_ws + prow * H + ju, full, m);
+        if (a.hprev) {
+          hprev = ld(a.out.at(prow, b, tp) + ju, full, m);
+        }
+      } else {
+        if (a.c0) cprev = ld(a.c0 + b * H + ju, full, m);
+        if (a.hprev && a.h0) {
+          hprev = ld(a.h0 + b * H + ju, full, m);
+        }
+      }
+      float* dgo = a.dgates + row * H4 + ju;
+      // di = dc * g * i(1-i); df = dc * c_prev * f(1-f); dg = dc * i * (1-g^2); do = dh * tanh(c) * o(1-o)
+      st(dgo, _mm256_mul_ps(_mm256_mul_ps(dcv, gg), _mm256_mul_ps(ig, _mm256_sub_ps(one, ig))), full, m);
+      st(dgo + H, _mm256_mul_ps(_mm256_mul_ps(dcv, cprev), _mm256_mul_ps(fg, _mm256_sub_ps(one, fg))), full, m);
+      st(dgo + 2 * H, _mm256_mul_ps(_mm256_mul_ps(dcv, ig), _mm256_fnmadd_ps(gg, gg, one)), full, m);
+      st(dgo + 3 * H, _mm256_mul_ps(_mm256_mul_ps(dhv, tc), _mm256_mul_ps(og, _mm256_sub_ps(one, og))), full, m);
+      _mm256_storeu_ps(dcp, _mm256_mul_ps(dcv, fg));
+      if (a.hprev) st(a.hprev + row * H + ju, hprev, full, m);
+    }
+  }
+}
+
+struct Avx2Policy {
+  static constexpr int MR = 3;
+  static constexpr int MRB = 6;
+  static void fwd_tile(const FwdArgs<float>& a, const TileRows<float>& tr, int mr, int64_t jb, const float* hprev,
+                       float* hnext, float* cst, int64_t ldst) {
+    switch (mr) {
+      case 3: fwd_tile_mr<3>(a, tr, jb, hprev, hnext, cst, ldst); break;
+      case 2: fwd_tile_mr<2>(a, tr, jb, hprev, hnext, cst, ldst); break;
+      default: fwd_tile_mr<1>(a, tr, jb, hprev, hnext, cst, ldst); break;
+    }
+  }
+  static void bwd_tile(const BwdArgs<float>& a, const TileRows<float>& cur, const TileRows<float>& nxt, int mr,
+                       int64_t jb, bool use_gemm, int64_t s, float* dc, int64_t ldst, float* dh_final) {
+    switch (mr) {
+      case 6: bwd_tile_mr<6>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+      case 5: bwd_tile_mr<5>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+      case 4: bwd_tile_mr<4>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+      case 3: bwd_tile_mr<3>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+      case 2: bwd_tile_mr<2>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+      default: bwd_tile_mr<1>(a, cur, nxt, jb, use_gemm, s, dc, ldst, dh_final); break;
+    }
+  }
+};
+
+}  // namespace
+
+bool avx2_compiled() { return true; }
+void forward_avx2(FwdArgs<float>& a) { forward_driver<Avx2Policy, float>(a); }
+void backward_avx2(BwdArgs<float>& a) { backward_driver<Avx2Policy, float>(a); }
+
+}  // namespace lstm
+}  // namespace fi
+
+#else  // not compiled with AVX2 (non-x86 builds drop this file; this branch keeps odd builds linking)
+
+namespace fi {
+namespace lstm {
+bool avx2_compiled() { return false; }
+void forward_avx2(FwdArgs<float>&) { throw std::runtime_error("fastinterest: AVX2 LSTM kernels not compiled"); }
+void backward_avx2(BwdArgs<float>&) { throw std::runtime_error("fastinterest: AVX2 LSTM kernels not compiled"); }
+}  // namespace lstm
+}  // namespace fi
+
+#endif

@@ -1,0 +1,5 @@
+import sys
+
+from fastinterest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Adapter from torch tensors to the native embedding kernels (_C_cpu on CPU, _C_cuda on GPU).
+
+Python allocates every output and workspace with torch (so torch's allocator sees all memory) and
+passes raw addresses; the kernels never allocate device memory. Contract: see reference_embedding.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .reference_embedding import OPT_DENSE, OPT_SPARSE, OPT_ADAM, acc_dtype
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3, torch.int32: 4,
+              torch.int64: 5}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _module(device: torch.device):
+    return _ext.cuda() if device.type == "cuda" else _ext.cpu()
+
+
+def _launch_args(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"stream": torch.cuda.current_stream(device).cuda_stream}
+    return {"nthreads": torch.get_num_threads()}
+
+
+def first_bad_index(indices: torch.Tensor, num_rows: int) -> int:
+    """Position of the first index outside [0, num_rows), or -1 (CPU tensors)."""
+    return _ext.cpu().first_bad_index(indices.data_ptr(), DTYPE_CODE[indices.dtype], indices.numel(), num_rows)
+
+
+def forward(weight, indices, offsets, psw, mode, skip_idx):
+    V, D = weight.shape
+    B = indices.numel() if offsets is None else offsets.numel() - 1
+    acc = acc_dtype(weight.dtype)
+    out = torch.empty((B, D), dtype=acc, device=weight.device)
+    maxpos = torch.empty((B, D) if mode == 2 else (0,), dtype=torch.long, device=weight.device)
+    _module(weight.device).embedding_forward(
+        weight=weight.data_ptr(), wdtype=DTYPE_CODE[weight.dtype], V=V, D=D,
+        idx=indices.data_ptr(), idtype=DTYPE_CODE[indices.dtype], N=indices.numel(),
+        off=_ptr(offsets), odtype=DTYPE_CODE[offsets.dtype] if offsets is not None else 5, B=B,
+        psw=_ptr(psw), mode=mode, skip_idx=skip_idx, out=out.data_ptr(),
+        maxpos=maxpos.data_ptr() if mode == 2 else 0, **_launch_args(weight.device))
+    return out, maxpos
+
+
+def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
+             deterministic: bool = True):
+    V, D = weight.shape
+    B = grad_out.shape[0]
+    N = indices.numel()
+    acc = acc_dtype(weight.dtype)
+    rows = vals = dense = None
+    if opt == OPT_SPARSE:
+        rows = torch.empty(N, dtype=torch.long, device=weight.device)
+        vals = torch.empty((N, D), dtype=acc, device=weight.device)
+    elif opt == OPT_DENSE:
+        dense = torch.zeros((V, D), dtype=acc, device=weight.device)
+    mod = _module(weight.device)
+    kwargs = dict(
+        grad_out=grad_out.data_ptr(), weight=weight.data_ptr(), wdtype=DTYPE_CODE[weight.dtype], V=V, D=D,
+        idx=indices.data_ptr(), idtype=DTYPE_CODE[indices.dtype], N=N,
+        off=_ptr(offsets), odtype=DTYPE_CODE[offsets.dtype] if offsets is not None else 5, B=B,
+        psw=_ptr(psw), mode=mode, skip_idx=skip_idx, maxpos=maxpos.data_ptr() if mode == 2 else 0,
+        opt=opt, hp=list(hp) + [0.0] * (4 - len(hp)), s1=_ptr(s1), s2=_ptr(s2),
+        step=_ptr(step) if opt == OPT_ADAM else 0,
+        out_rows=_ptr(rows), out_vals=_ptr(vals), dense=_ptr(dense), **_launch_args(weight.device))
+    if weight.device.type == "cuda":
+        U = _cuda_backward(mod, kwargs, weight, N, deterministic)
+    else:
+        U = mod.embedding_backward(**kwargs)
+    if opt == OPT_SPARSE:
+        return rows[:U], vals[:U]
+    if opt == OPT_DENSE:
+        return dense
+    return None
+
+
+def _cuda_backward(mod, kwargs, weight, N, deterministic):
+    """The CUDA backward needs workspaces (sort buffers, segment lists) allocated by torch."""
+    nbytes = mod.embedding_backward_workspace_bytes(N=N, V=kwargs["V"], D=kwargs["D"],
+                                                     deterministic=deterministic)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=weight.device)
+    counter = torch.zeros(1, dtype=torch.long, device=weight.device)  # number of distinct rows
+    mod.embedding_backward(workspace=ws.data_ptr(), workspace_bytes=nbytes, num_unique=counter.data_ptr(),
+                           deterministic=deterministic, **kwargs)
+    return int(counter.item()) if kwargs["opt"] == OPT_SPARSE else 0

@@ -1,0 +1,1 @@
+"""torch.library custom ops in the `fastinterest::` namespace (forward, backward, fake, autograd)."""
