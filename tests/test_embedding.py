@@ -339,7 +339,8 @@ def test_bad_offsets_and_types_raise():
 
 def test_named_backend_that_cannot_run_raises_with_reasons():
     with pytest.raises(_dispatch.BackendError, match="other backends"):
-        fnn.EmbeddingBag(10, 4, mode="sum", backend="triton", dtype=torch.float64)(torch.tensor([1]), torch.tensor([0]))
+        fnn.EmbeddingBag(10, 4, mode="sum", backend="numba", weight_dtype=torch.float16)(torch.tensor([1]),
+                                                                                         torch.tensor([0]))
     with pytest.raises(_dispatch.BackendError, match="unknown backend"):
         fnn.EmbeddingBag(10, 4, mode="sum", backend="cuda-magic")(torch.tensor([1]), torch.tensor([0]))
 

@@ -77,8 +77,16 @@ def available_backends(op: str, device: str, dtype: torch.dtype) -> list[str]:
 
 
 def resolve(op: str, device: torch.device | str, dtype: torch.dtype, backend: str | None = None) -> str:
-    """Pick the backend that runs `op` (see module docstring for the precedence)."""
-    dev = torch.device(device).type
+    """Pick the backend that runs `op` (see module docstring for the precedence).
+
+    Under torch.compile the choice is evaluated once while tracing and baked into the graph as a
+    constant string (the op receives it as an argument).
+    """
+    return _resolve(op, torch.device(device).type, dtype, backend)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, dev: str, dtype: torch.dtype, backend: str | None) -> str:
     source = "argument"
     if backend is None:
         env_op = f"FASTINTEREST_{op.upper()}_BACKEND"

@@ -44,7 +44,7 @@ def _ext_available(device: str):
 
 _dispatch.register("embedding_bag", "ext", {"cpu", "cuda"}, _F32_64 | _HALF, _ext_available,
                    "C++ (OpenMP, AVX2 at run time) on CPU; CUDA kernels on GPU")
-_dispatch.register("embedding_bag", "triton", {"cuda", "cpu"}, {torch.float32} | _HALF, availability.triton,
+_dispatch.register("embedding_bag", "triton", {"cuda", "cpu"}, _F32_64 | _HALF, availability.triton,
                    "Triton kernels; on CPU only under TRITON_INTERPRET=1")
 _dispatch.register("embedding_bag", "numba", {"cpu"}, _F32_64, availability.numba, "numba njit(parallel)")
 _dispatch.register("embedding_bag", "reference", {"cpu", "cuda"}, _F32_64 | _HALF, availability.always,

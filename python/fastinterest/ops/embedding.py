@@ -66,48 +66,48 @@ def _impl(backend: str):
 # ---------------------------------------------------------------- forward op
 @torch.library.custom_op("fastinterest::embedding_bag", mutates_args=())
 def embedding_bag_op(weight: Tensor, indices: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],
-                     mode: int, skip_idx: int, grad_skip_idx: int, backend: str, opt: int, hp: List[float],
+                     bag_mode: int, skip_idx: int, grad_skip_idx: int, backend: str, opt: int, hp: List[float],
                      s1: Optional[Tensor], s2: Optional[Tensor], step: Optional[Tensor],
                      deterministic: bool) -> Tuple[Tensor, Tensor]:
     _check_indices(weight, indices)
     _check_offsets(offsets, indices.numel())
-    return _impl(backend).forward(weight, indices, offsets, per_sample_weights, mode, skip_idx)
+    return _impl(backend).forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx)
 
 
 @embedding_bag_op.register_fake
-def _(weight, indices, offsets, per_sample_weights, mode, skip_idx, grad_skip_idx, backend, opt, hp, s1, s2, step,
+def _(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx, grad_skip_idx, backend, opt, hp, s1, s2, step,
       deterministic):
     B = indices.shape[0] if offsets is None else offsets.shape[0] - 1
     D = weight.shape[1]
     out = weight.new_empty((B, D), dtype=acc_dtype(weight.dtype))
-    maxpos = weight.new_empty((B, D) if mode == MODE_MAX else (0,), dtype=torch.long)
+    maxpos = weight.new_empty((B, D) if bag_mode == MODE_MAX else (0,), dtype=torch.long)
     return out, maxpos
 
 
 # ---------------------------------------------------------------- backward ops
 @torch.library.custom_op("fastinterest::embedding_bag_backward", mutates_args=())
 def embedding_bag_backward_op(grad_out: Tensor, weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
-                              per_sample_weights: Optional[Tensor], maxpos: Tensor, mode: int, skip_idx: int,
+                              per_sample_weights: Optional[Tensor], maxpos: Tensor, bag_mode: int, skip_idx: int,
                               backend: str, deterministic: bool) -> Tensor:
-    return _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx,
+    return _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx,
                                    OPT_DENSE, [], None, None, None, **_det(backend, deterministic))
 
 
 @embedding_bag_backward_op.register_fake
-def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx, backend, deterministic):
+def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx, backend, deterministic):
     return grad_out.new_empty(weight.shape)
 
 
 @torch.library.custom_op("fastinterest::embedding_bag_backward_sparse", mutates_args=())
 def embedding_bag_backward_sparse_op(grad_out: Tensor, weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
-                                     per_sample_weights: Optional[Tensor], maxpos: Tensor, mode: int, skip_idx: int,
+                                     per_sample_weights: Optional[Tensor], maxpos: Tensor, bag_mode: int, skip_idx: int,
                                      backend: str, deterministic: bool) -> Tuple[Tensor, Tensor]:
-    return _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx,
+    return _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx,
                                    OPT_SPARSE, [], None, None, None, **_det(backend, deterministic))
 
 
 @embedding_bag_backward_sparse_op.register_fake
-def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx, backend, deterministic):
+def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx, backend, deterministic):
     u = torch.library.get_ctx().new_dynamic_size()
     return indices.new_empty((u,), dtype=torch.long), grad_out.new_empty((u, weight.shape[1]))
 
@@ -115,15 +115,15 @@ def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip
 @torch.library.custom_op("fastinterest::embedding_bag_backward_fused",
                          mutates_args=("weight", "s1", "s2", "step"))
 def embedding_bag_backward_fused_op(grad_out: Tensor, weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
-                                    per_sample_weights: Optional[Tensor], maxpos: Tensor, mode: int, skip_idx: int,
+                                    per_sample_weights: Optional[Tensor], maxpos: Tensor, bag_mode: int, skip_idx: int,
                                     opt: int, hp: List[float], s1: Optional[Tensor], s2: Optional[Tensor],
                                     step: Optional[Tensor], backend: str, deterministic: bool) -> None:
-    _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx, opt, hp,
+    _impl(backend).backward(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx, opt, hp,
                             s1, s2, step, **_det(backend, deterministic))
 
 
 @embedding_bag_backward_fused_op.register_fake
-def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, mode, skip_idx, opt, hp, s1, s2, step, backend,
+def _(grad_out, weight, indices, offsets, per_sample_weights, maxpos, bag_mode, skip_idx, opt, hp, s1, s2, step, backend,
       deterministic):
     return None
 
@@ -134,9 +134,9 @@ def _det(backend: str, deterministic: bool) -> dict:
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    (weight, indices, offsets, psw, mode, skip_idx, grad_skip_idx, backend, opt, hp, s1, s2, step,
+    (weight, indices, offsets, psw, bag_mode, skip_idx, grad_skip_idx, backend, opt, hp, s1, s2, step,
      deterministic) = inputs
-    ctx.args = (mode, grad_skip_idx, backend, opt, list(hp), deterministic)
+    ctx.args = (bag_mode, grad_skip_idx, backend, opt, list(hp), deterministic)
     ctx.save_for_backward(weight, indices, offsets, psw, output[1], s1, s2, step)
     ctx.weight_dtype = weight.dtype
 
