@@ -89,9 +89,8 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
     rows_bytes = B * L * D * 4
     with torch.no_grad():
         expect = ref(idx, offsets, per_sample_weights=ps)
-        sweep.add({**case, "rows": "float32"}, "torch", measure(lambda: ref(idx, offsets, per_sample_weights=ps),
-                                                                sync=sync),
-                  GBps=rows_bytes / 1e6 / sweep_last_ms(sweep))
+        st = measure(lambda: ref(idx, offsets, per_sample_weights=ps), sync=sync)
+        sweep.add({**case, "rows": "float32"}, "torch", st, GBps=rows_bytes / 1e6 / st["median_ms"])
         if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_gather_sum") and not psw:
             out = torch.empty(B, D)
             nt = torch.get_num_threads()
@@ -116,10 +115,6 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
                 check_close(got, expect, atol=1e-4, rtol=1e-3, what="fbgemm forward")
                 st = measure(lambda: tbe(idx.long(), torch.cat([offsets, torch.tensor([B * L])]).long()))
                 sweep.add({**case, "rows": "float32"}, "fbgemm", st, GBps=rows_bytes / 1e6 / st["median_ms"])
-
-
-def sweep_last_ms(sweep):
-    return sweep.rows[-1]["median_ms"] if sweep.rows else float("nan")
 
 
 TORCH_OPTS = {

@@ -42,4 +42,9 @@ def triton(device: str) -> str | None:
 
 
 def always(device: str) -> str | None:
+    """Pure torch runs wherever torch has the device."""
+    if device == "cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA device is visible to torch"
     return None

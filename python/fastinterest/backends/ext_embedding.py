@@ -82,8 +82,8 @@ def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, op
 
 def _cuda_backward(mod, kwargs, weight, N, deterministic):
     """The CUDA backward needs workspaces (sort buffers, segment lists) allocated by torch."""
-    nbytes = mod.embedding_backward_workspace_bytes(N=N, V=kwargs["V"], D=kwargs["D"],
-                                                     deterministic=deterministic)
+    nbytes = mod.embedding_backward_workspace_bytes(N=N, B=kwargs["B"], V=kwargs["V"], D=kwargs["D"],
+                                                     deterministic=deterministic, wdtype=kwargs["wdtype"])
     ws = torch.empty(nbytes, dtype=torch.uint8, device=weight.device)
     counter = torch.zeros(1, dtype=torch.long, device=weight.device)  # number of distinct rows
     mod.embedding_backward(workspace=ws.data_ptr(), workspace_bytes=nbytes, num_unique=counter.data_ptr(),

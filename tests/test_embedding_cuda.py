@@ -1,0 +1,87 @@
+"""Embedding on a GPU: every GPU backend against the CPU oracle (skipped without a CUDA device)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastinterest.nn as fnn
+import fastinterest.optim as fopt
+from fastinterest import _dispatch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def gpu_backends(dtype=torch.float32):
+    return [b for b in ("ext", "triton") if torch.cuda.is_available()
+            and _dispatch.why_not("embedding_bag", b, "cuda", dtype) is None]
+
+
+def case(V=1000, B=257, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 30, (B,), generator=g)
+    sizes[3] = 0
+    idx = torch.randint(0, V, (int(sizes.sum()),), generator=g)
+    idx[1] = idx[0]
+    off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    return idx, off
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("D", [64, 123, 300])
+def test_forward_backward_parity(dtype, mode, D):
+    V = 1000
+    idx, off = case(V)
+    w = torch.randn(V, D)
+    for b in gpu_backends(dtype):
+        m = fnn.EmbeddingBag(V, D, mode=mode, _weight=w, weight_dtype=dtype, backend=b, device="cuda")
+        ref_w = m.weight.detach().double().cpu().requires_grad_(True)
+        expect = TF.embedding_bag(idx, ref_w, off, mode=mode)
+        out = m(idx.cuda(), off.cuda())
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double().cpu(), expect.detach(), atol=tol, rtol=tol)
+        g = torch.randn_like(expect)
+        (expect * g).sum().backward()
+        (out * g.cuda().to(out.dtype)).sum().backward()
+        torch.testing.assert_close(m.weight.grad.double().cpu(), ref_w.grad, atol=5 * tol, rtol=5 * tol)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise", "adam"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_fused_optimizers_match_cpu(name, deterministic):
+    V, D = 500, 64
+    make = {"sgd": lambda: fopt.FusedSGD(0.1), "adagrad": lambda: fopt.FusedAdagrad(0.1),
+            "rowwise": lambda: fopt.FusedRowWiseAdagrad(0.1), "adam": lambda: fopt.FusedAdam(0.01)}[name]
+    w = torch.randn(V, D)
+    cpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w, fused_optimizer=make(), backend="ext")
+    for b in gpu_backends():
+        gpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w, fused_optimizer=make(), backend=b, device="cuda",
+                               deterministic=deterministic)
+        for step in range(3):
+            idx, off = case(V, seed=step)
+            g = torch.randn(off.numel(), D)
+            if b == gpu_backends()[0]:
+                cpu(idx, off).backward(g)
+            gpu(idx.cuda(), off.cuda()).backward(g.cuda())
+        torch.testing.assert_close(gpu.weight.detach().cpu(), cpu.weight.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    V, D = 50, 64
+    idx = torch.randint(0, V, (100000,), device="cuda")
+    off = torch.arange(0, 100000, 10, device="cuda")
+    g = torch.randn(off.numel(), D, device="cuda")
+    res = []
+    for _ in range(3):
+        m = fnn.EmbeddingBag(V, D, mode="sum", _weight=torch.ones(V, D), device="cuda", backend="ext",
+                             fused_optimizer=fopt.FusedAdagrad(0.1))
+        m(idx, off).backward(g)
+        res.append(m.weight.detach().clone())
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], res[2])
+
+
+def test_out_of_range_index_raises_on_gpu():
+    m = fnn.EmbeddingBag(10, 64, mode="sum", device="cuda")
+    with pytest.raises(IndexError, match="position 1"):
+        m(torch.tensor([0, 10], device="cuda"), torch.tensor([0], device="cuda"))
