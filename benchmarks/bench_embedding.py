@@ -97,6 +97,9 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
             st = measure(lambda: _ext.cpu().probe_gather_sum(w32.data_ptr(), D, idx.data_ptr(), B, L, out.data_ptr(),
                                                               8, nt))
             sweep.add({**case, "rows": "float32"}, "probe-gather", st, GBps=rows_bytes / 1e6 / st["median_ms"])
+            # streaming read of the whole table: the ceiling for any access pattern
+            st = measure(lambda: _ext.cpu().probe_seq_read(w32.data_ptr(), w32.numel(), nt), repeat=7)
+            sweep.add({**case, "rows": "float32"}, "probe-seqread", st, GBps=w32.numel() * 4 / 1e6 / st["median_ms"])
         for wd in weight_dtypes:
             dt = getattr(torch, wd)
             for b, name in fi_backends(device, dt):

@@ -337,6 +337,14 @@ def test_bad_offsets_and_types_raise():
         fnn.Embedding(10, 4, fused_optimizer="sgd")
 
 
+def test_mixed_devices_raise():
+    m = fnn.EmbeddingBag(10, 4, mode="sum")
+    with pytest.raises(ValueError, match="is on meta but weight is on cpu"):
+        m(torch.tensor([1, 2], device="meta"), torch.tensor([0], device="meta"))
+    with pytest.raises(ValueError, match="is on meta but weight is on cpu"):
+        fnn.Embedding(10, 4)(torch.tensor([1, 2], device="meta"))
+
+
 def test_named_backend_that_cannot_run_raises_with_reasons():
     with pytest.raises(_dispatch.BackendError, match="other backends"):
         fnn.EmbeddingBag(10, 4, mode="sum", backend="numba", weight_dtype=torch.float16)(torch.tensor([1]),

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef FI_HAVE_OPENMP
@@ -26,6 +27,11 @@
 #endif
 
 #include "cpu/embedding_types.h"
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define FI_SIMD_AVX2 1
+#endif
 
 namespace FI_KERNEL_NS {
 
@@ -86,6 +92,88 @@ inline int threads_for(int64_t work, int nthreads) {
   return work < 2048 ? 1 : std::max(1, nthreads);
 }
 
+#ifdef FI_SIMD_AVX2
+// ---------------------------------------------------------------- AVX2 sum/mean path (float accumulation)
+// Accumulators for a block of up to 64 columns stay in registers (NV x 8 floats) while the bag's rows
+// stream through; rows are prefetched PF ahead. This is where the forward's time goes.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const _Float16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+template <int NV, typename W, typename I>
+inline void sum_block(const W* __restrict weight, int64_t D, int64_t c0, const I* __restrict idx, int64_t start,
+                      int64_t end, int64_t N, const float* __restrict psw, int64_t skip, float scale,
+                      float* __restrict out) {
+  constexpr int64_t PF = 12;
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) acc[k] = _mm256_setzero_ps();
+  const int64_t lines = (NV * 8 * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+  for (int64_t j = start; j < end; ++j) {
+    if (j + PF < N) {
+      const char* p = reinterpret_cast<const char*>(weight + static_cast<int64_t>(idx[j + PF]) * D + c0);
+      for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 1);
+    }
+    const int64_t r = static_cast<int64_t>(idx[j]);
+    if (r == skip) continue;
+    const W* row = weight + r * D + c0;
+    if (psw) {
+      const __m256 s = _mm256_set1_ps(psw[j]);
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) acc[k] = _mm256_fmadd_ps(load8(row + 8 * k), s, acc[k]);
+    } else {
+#pragma GCC unroll 8
+      for (int k = 0; k < NV; ++k) acc[k] = _mm256_add_ps(acc[k], load8(row + 8 * k));
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + c0 + 8 * k, _mm256_mul_ps(acc[k], sc));
+}
+
+// out[0..D) for one bag; returns false when this path does not apply (double tables)
+template <typename W, typename A, typename I>
+inline bool bag_sum_simd(const W* weight, int64_t D, const I* idx, int64_t start, int64_t end, int64_t N,
+                         const A* psw, int64_t skip, bool mean, A* out) {
+  if constexpr (!std::is_same<A, float>::value) {
+    return false;
+  } else {
+    int64_t count = 0;
+    for (int64_t j = start; j < end; ++j) count += static_cast<int64_t>(idx[j]) != skip;
+    const float scale = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
+    int64_t c0 = 0;
+    for (; c0 + 64 <= D; c0 += 64) sum_block<8>(weight, D, c0, idx, start, end, N, psw, skip, scale, out);
+    switch ((D - c0) / 8) {
+      case 7: sum_block<7>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 6: sum_block<6>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 5: sum_block<5>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 4: sum_block<4>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 3: sum_block<3>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 2: sum_block<2>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 1: sum_block<1>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      default: break;
+    }
+    c0 += (D - c0) / 8 * 8;
+    if (c0 < D) {  // the last D % 8 columns
+      for (int64_t d = c0; d < D; ++d) out[d] = 0.0f;
+      for (int64_t j = start; j < end; ++j) {
+        const int64_t r = static_cast<int64_t>(idx[j]);
+        if (r == skip) continue;
+        const float s = psw ? psw[j] : 1.0f;
+        for (int64_t d = c0; d < D; ++d) out[d] += s * load<W, float>(weight + r * D + d);
+      }
+      for (int64_t d = c0; d < D; ++d) out[d] *= scale;
+    }
+    return true;
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- forward
 // out: [B, D] of A. Every output element is written (empty bag -> 0).
 template <typename W, typename A, typename I, typename O>
@@ -133,6 +221,11 @@ void bag_forward(const W* weight, int64_t D, const I* idx, int64_t N, const O* o
           }
         continue;
       }
+#ifdef FI_SIMD_AVX2
+      if (bag_sum_simd<W, A, I>(weight, D, idx, start, end, N, psw, skip_idx,
+                                mode == static_cast<int>(Mode::kMean), o))
+        continue;
+#endif
       std::fill(acc, acc + D, A(0));
       int64_t count = 0;
       for (int64_t j = start; j < end; ++j) {
