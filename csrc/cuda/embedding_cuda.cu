@@ -378,14 +378,16 @@ void forward(std::uintptr_t weight, int wdtype, int64_t V, int64_t D, std::uintp
     using A = decltype(a0);
     with_index(idtype, [&](auto i0) {
       using I = decltype(i0);
-      with_index(off ? odtype : idtype, [&](auto o0) {
-        using O = decltype(o0);
+      // offsets share the indices' type on CUDA (Python converts them): half the instantiations
+      if (off && odtype != idtype) throw std::invalid_argument("fastinterest CUDA embedding: offsets dtype must equal indices dtype");
+      {
+        using O = I;
         bag_forward_kernel<W, A, I, O><<<blocks_for(B, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
             reinterpret_cast<const W*>(weight), D, reinterpret_cast<const I*>(idx), reinterpret_cast<const O*>(off),
             B, reinterpret_cast<const A*>(psw), mode, skip_idx, reinterpret_cast<A*>(out),
             reinterpret_cast<int64_t*>(maxpos));
         FI_CHECK_LAUNCH("bag_forward_kernel");
-      });
+      }
     });
   });
   (void)V;
@@ -425,8 +427,9 @@ void backward(std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_
     }
     with_index(idtype, [&](auto i0) {
       using I = decltype(i0);
-      with_index(off ? odtype : idtype, [&](auto o0) {
-        using O = decltype(o0);
+      if (off && odtype != idtype) throw std::invalid_argument("fastinterest CUDA embedding: offsets dtype must equal indices dtype");
+      {
+        using O = I;
         const I* ip = reinterpret_cast<const I*>(idx);
         const O* op = reinterpret_cast<const O*>(off);
         bag_of_kernel<I, O, A><<<blocks_for(B, 256), 256, 0, stream>>>(ip, op, B, skip_idx, mode, ws.bag_of,
@@ -469,7 +472,7 @@ void backward(std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_
                                                    reinterpret_cast<int64_t*>(num_unique));
           FI_CHECK_LAUNCH("count_unique_kernel");
         }
-      });
+      }
     });
   });
 }

@@ -33,7 +33,15 @@ def first_bad_index(indices: torch.Tensor, num_rows: int) -> int:
     return _ext.cpu().first_bad_index(indices.data_ptr(), DTYPE_CODE[indices.dtype], indices.numel(), num_rows)
 
 
+def _cuda_offsets(indices, offsets):
+    # the CUDA kernels take offsets of the indices' dtype (halves their instantiations)
+    if offsets is not None and indices.is_cuda and offsets.dtype != indices.dtype:
+        return offsets.to(indices.dtype)
+    return offsets
+
+
 def forward(weight, indices, offsets, psw, mode, skip_idx):
+    offsets = _cuda_offsets(indices, offsets)
     V, D = weight.shape
     B = indices.numel() if offsets is None else offsets.numel() - 1
     acc = acc_dtype(weight.dtype)
@@ -50,6 +58,7 @@ def forward(weight, indices, offsets, psw, mode, skip_idx):
 
 def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
              deterministic: bool = True):
+    offsets = _cuda_offsets(indices, offsets)
     V, D = weight.shape
     B = grad_out.shape[0]
     N = indices.numel()
