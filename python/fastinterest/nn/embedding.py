@@ -79,13 +79,13 @@ def table_empty(shape, dtype, device=None) -> Tensor:
     try:
         from .. import _ext
 
-        mod = _ext.cpu()
-    except Exception:
+        advise = _ext.cpu().advise_hugepages
+    except (_ext.ExtensionUnavailable, AttributeError):
         return torch.empty(shape, dtype=dtype, device=device)
     buf = torch.empty(nbytes + _HUGE, dtype=torch.uint8)
     start = (-buf.data_ptr()) % _HUGE
     view = buf[start:start + nbytes]
-    mod.advise_hugepages(view.data_ptr(), nbytes)
+    advise(view.data_ptr(), nbytes)
     return view.view(dtype).view(shape)
 
 
