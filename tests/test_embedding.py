@@ -361,3 +361,23 @@ def test_env_override(monkeypatch):
     assert _dispatch.resolve("embedding_bag", "cpu", torch.float32) == "reference"
     assert _dispatch.resolve("embedding_bag", "cpu", torch.float32, backend="numba" if not _dispatch.why_not(
         "embedding_bag", "numba", "cpu", torch.float32) else "reference") in ("numba", "reference")
+
+
+@pytest.mark.parametrize("backend", [b for b in ("ext", "numba") if not _dispatch.why_not("embedding_bag", b, "cpu",
+                                                                                          torch.float32)])
+@pytest.mark.parametrize("V", [300, 300_000])  # counting-sort grouping vs radix-sort grouping in C++
+def test_fused_update_small_and_large_tables(backend, V):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, V, (3000,), generator=g)
+    idx[::7] = idx[0]
+    off = torch.arange(0, 3000, 6)
+    grad = torch.randn(off.numel(), 16, generator=g)
+    w0 = torch.randn(V, 16, generator=g)
+    out = []
+    for b in (backend, "reference"):
+        m = fnn.EmbeddingBag(V, 16, mode="mean", _weight=w0, backend=b, padding_idx=5,
+                             fused_optimizer=fopt.FusedRowWiseAdagrad(lr=0.1))
+        m(idx, off).backward(grad)
+        out.append((m.weight.detach(), m.optim_momentum))
+    assert_close(out[0][0], out[1][0])
+    assert_close(out[0][1], out[1][1])

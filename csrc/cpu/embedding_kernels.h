@@ -271,20 +271,72 @@ struct BackwardArgs {
   int nthreads;
 };
 
+// Stable grouping of the kept positions by row: keys ascending, and for equal keys the carried
+// values vals_in[j] in position order (that fixed order is what makes the backward deterministic).
+// A counting sort (one histogram over the rows, one scatter) when the table is not much larger than
+// the batch; an LSD radix sort (11-bit digits) otherwise.
 template <typename I>
-void radix_sort_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, std::vector<uint32_t>& keys,
-                     std::vector<uint32_t>& pos) {
-  // Input: the kept occurrences in position order. Output: keys ascending, pos ascending per key.
-  std::vector<uint32_t> k2, p2;
+void group_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, const uint32_t* vals_in,
+                std::vector<uint32_t>& keys, std::vector<uint32_t>& vals, int nthreads) {
+  if (V <= 4 * N + 65536) {
+    // Counting sort, parallel over row ranges: each thread owns rows [lo, hi), scans all positions
+    // in order and handles only its rows, so the output equals the sequential one.
+    std::vector<uint32_t> start(static_cast<size_t>(V) + 1, 0u);
+    const int nt = threads_for(N, nthreads);
+    std::vector<uint32_t> range_total(static_cast<size_t>(nt) + 1, 0u);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef FI_HAVE_OPENMP
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+      const int t = 0, T = 1;
+#endif
+      const int64_t lo = V * t / T, hi = V * (t + 1) / T;
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t r = static_cast<int64_t>(idx[j]);
+        if (r >= lo && r < hi && r != skip_idx) ++start[r + 1];
+      }
+      uint32_t run = 0;
+      for (int64_t r = lo; r < hi; ++r) {  // local exclusive prefix: start[r] = first slot of r
+        const uint32_t c = start[r + 1];
+        start[r + 1] = run + c;
+        run += c;
+      }
+      range_total[t + 1] = run;
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int k = 0; k < T; ++k) range_total[k + 1] += range_total[k];
+        keys.resize(range_total[T]);
+        vals.resize(range_total[T]);
+      }
+      const uint32_t base = range_total[t];
+      // start[r+1] holds the local end of row r; turn it into a cursor at the row's global start
+      std::vector<uint32_t> cursor(static_cast<size_t>(hi - lo));
+      uint32_t prev = 0;
+      for (int64_t r = lo; r < hi; ++r) {
+        cursor[r - lo] = base + prev;
+        prev = start[r + 1];
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t r = static_cast<int64_t>(idx[j]);
+        if (r < lo || r >= hi || r == skip_idx) continue;
+        const uint32_t slot = cursor[r - lo]++;
+        keys[slot] = static_cast<uint32_t>(r);
+        vals[slot] = vals_in[j];
+      }
+    }
+    return;
+  }
   keys.clear();
-  pos.clear();
+  vals.clear();
   keys.reserve(static_cast<size_t>(N));
-  pos.reserve(static_cast<size_t>(N));
+  vals.reserve(static_cast<size_t>(N));
   for (int64_t j = 0; j < N; ++j) {
     const int64_t r = static_cast<int64_t>(idx[j]);
     if (r == skip_idx) continue;
     keys.push_back(static_cast<uint32_t>(r));
-    pos.push_back(static_cast<uint32_t>(j));
+    vals.push_back(vals_in[j]);
   }
   const size_t n = keys.size();
   int bits = 1;
@@ -292,8 +344,7 @@ void radix_sort_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, std::
   const int passes = (bits + 10) / 11;
   const int digit = (bits + passes - 1) / passes;
   const uint32_t mask = (1u << digit) - 1u;
-  k2.resize(n);
-  p2.resize(n);
+  std::vector<uint32_t> k2(n), v2(n);
   std::vector<uint32_t> hist(static_cast<size_t>(mask) + 2);
   for (int p = 0; p < passes; ++p) {
     const int shift = p * digit;
@@ -303,10 +354,10 @@ void radix_sort_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, std::
     for (size_t i = 0; i < n; ++i) {
       const uint32_t slot = hist[(keys[i] >> shift) & mask]++;
       k2[slot] = keys[i];
-      p2[slot] = pos[i];
+      v2[slot] = vals[i];
     }
     keys.swap(k2);
-    pos.swap(p2);
+    vals.swap(v2);
   }
 }
 
@@ -331,8 +382,16 @@ int64_t bag_backward(const A* grad_out, W* weight, const I* idx, const O* off, c
     if (a.mode == static_cast<int>(Mode::kMean) && count > 0) bag_scale[b] = A(1) / static_cast<A>(count);
   }
 
+  // What each occurrence carries through the sort: its bag (enough for sum/mean without weights,
+  // and saves a random lookup per occurrence), or its position (per-sample weights, max).
+  const bool carry_pos = psw != nullptr || a.mode == static_cast<int>(Mode::kMax);
+  std::vector<uint32_t> iota;
+  if (carry_pos) {
+    iota.resize(static_cast<size_t>(N));
+    for (int64_t j = 0; j < N; ++j) iota[j] = static_cast<uint32_t>(j);
+  }
   std::vector<uint32_t> keys, pos;
-  radix_sort_rows(idx, N, a.V, a.skip_idx, keys, pos);
+  group_rows(idx, N, a.V, a.skip_idx, carry_pos ? iota.data() : bag_of.data(), keys, pos, a.nthreads);
   const int64_t n = static_cast<int64_t>(keys.size());
   std::vector<int64_t> seg;  // segment starts, plus n at the end
   seg.reserve(static_cast<size_t>(n / 2 + 2));
@@ -358,11 +417,33 @@ int64_t bag_backward(const A* grad_out, W* weight, const I* idx, const O* off, c
     A* g = gv.data();
 #pragma omp for schedule(dynamic, 256)
     for (int64_t u = 0; u < U; ++u) {
+      // The rows are random in memory: prefetch the weight / state rows a few segments ahead and the
+      // upstream-gradient row of the coming occurrences, or every row costs a full DRAM round trip.
+      if (u + 8 < U) {
+        const int64_t rn = keys[seg[u + 8]];
+        const char* wp = reinterpret_cast<const char*>(weight + rn * D);
+        for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(W)); o += 64) __builtin_prefetch(wp + o, 1, 1);
+        if (s1) {
+          const bool per_row = a.opt == static_cast<int>(Opt::kRowWiseAdagrad);
+          const char* sp = reinterpret_cast<const char*>(s1 + (per_row ? rn : rn * D));
+          for (int64_t o = 0; o < (per_row ? 1 : D) * static_cast<int64_t>(sizeof(A)); o += 64)
+            __builtin_prefetch(sp + o, 1, 1);
+        }
+        if (s2) {
+          const char* sp = reinterpret_cast<const char*>(s2 + rn * D);
+          for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(A)); o += 64) __builtin_prefetch(sp + o, 1, 1);
+        }
+      }
+      if (u + 4 < U) {
+        const uint32_t v = pos[seg[u + 4]];
+        const char* gp = reinterpret_cast<const char*>(grad_out + static_cast<int64_t>(carry_pos ? bag_of[v] : v) * D);
+        for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(A)); o += 64) __builtin_prefetch(gp + o, 0, 1);
+      }
       const int64_t r = keys[seg[u]];
       std::fill(g, g + D, A(0));
       for (int64_t i = seg[u]; i < seg[u + 1]; ++i) {
-        const int64_t j = pos[i];
-        const int64_t b = bag_of[j];
+        const int64_t j = pos[i];  // a position when carry_pos, else the bag itself
+        const int64_t b = carry_pos ? static_cast<int64_t>(bag_of[j]) : j;
         const A* go = grad_out + b * D;
         if (is_max) {
           const int64_t* mp = maxpos + b * D;
