@@ -60,49 +60,65 @@ inline void st(float* p, __m256 v, bool full, __m256i m) {
   else _mm256_maskstore_ps(p, m, v);
 }
 
-// acc[r][0..3] += sum_k A_r[k] * panel[k][0..31]
+// acc[r][0..3] += sum_k A_r[k] * panel[k][0..31]. The accumulators live in locals (registers) for
+// the whole k loop and are written back once: with the array passed by reference GCC kept them in
+// memory and stored all 12 on every iteration.
+#define FI_FMA_ROW(R, AP)                                  \
+  {                                                        \
+    const __m256 a_ = _mm256_broadcast_ss(AP);             \
+    c##R##0 = _mm256_fmadd_ps(a_, b0, c##R##0);            \
+    c##R##1 = _mm256_fmadd_ps(a_, b1, c##R##1);            \
+    c##R##2 = _mm256_fmadd_ps(a_, b2, c##R##2);            \
+    c##R##3 = _mm256_fmadd_ps(a_, b3, c##R##3);            \
+  }
+
 template <int MR>
 inline void gemm_fwd(const float* const* A, const float* panel, int64_t K, __m256 (&acc)[MR][4]) {
+  static_assert(MR >= 1 && MR <= 3, "forward tile has 1..3 rows");
+  __m256 c00 = acc[0][0], c01 = acc[0][1], c02 = acc[0][2], c03 = acc[0][3];
+  __m256 c10 = _mm256_setzero_ps(), c11 = c10, c12 = c10, c13 = c10;
+  __m256 c20 = c10, c21 = c10, c22 = c10, c23 = c10;
+  if (MR > 1) { c10 = acc[MR > 1 ? 1 : 0][0]; c11 = acc[MR > 1 ? 1 : 0][1]; c12 = acc[MR > 1 ? 1 : 0][2]; c13 = acc[MR > 1 ? 1 : 0][3]; }
+  if (MR > 2) { c20 = acc[MR > 2 ? 2 : 0][0]; c21 = acc[MR > 2 ? 2 : 0][1]; c22 = acc[MR > 2 ? 2 : 0][2]; c23 = acc[MR > 2 ? 2 : 0][3]; }
+  const float* a0 = A[0];
+  const float* a1 = MR > 1 ? A[MR > 1 ? 1 : 0] : A[0];
+  const float* a2 = MR > 2 ? A[MR > 2 ? 2 : 0] : A[0];
   int64_t k = 0;
-  for (; k + 1 < K; k += 2) {
-    const float* pk = panel + k * 32;
-    __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8), b2 = _mm256_loadu_ps(pk + 16),
-           b3 = _mm256_loadu_ps(pk + 24);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
-    }
-    b0 = _mm256_loadu_ps(pk + 32);
-    b1 = _mm256_loadu_ps(pk + 40);
-    b2 = _mm256_loadu_ps(pk + 48);
-    b3 = _mm256_loadu_ps(pk + 56);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A[r] + k + 1);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
+  if (MR == 1) {
+    // One row: 4 accumulators would wait on the FMA latency; run even and odd k into two sets.
+    for (; k + 1 < K; k += 2) {
+      const float* pk = panel + k * 32;
+      {
+        const __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8), b2 = _mm256_loadu_ps(pk + 16),
+                     b3 = _mm256_loadu_ps(pk + 24);
+        FI_FMA_ROW(0, a0 + k)
+      }
+      {
+        const __m256 b0 = _mm256_loadu_ps(pk + 32), b1 = _mm256_loadu_ps(pk + 40), b2 = _mm256_loadu_ps(pk + 48),
+                     b3 = _mm256_loadu_ps(pk + 56);
+        FI_FMA_ROW(1, a0 + k + 1)
+      }
     }
   }
   for (; k < K; ++k) {
     const float* pk = panel + k * 32;
     const __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8), b2 = _mm256_loadu_ps(pk + 16),
                  b3 = _mm256_loadu_ps(pk + 24);
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm256_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm256_fmadd_ps(a, b3, acc[r][3]);
-    }
+    FI_FMA_ROW(0, a0 + k)
+    if (MR > 1) FI_FMA_ROW(1, a1 + k)
+    if (MR > 2) FI_FMA_ROW(2, a2 + k)
   }
+  if (MR == 1) {
+    c00 = _mm256_add_ps(c00, c10);
+    c01 = _mm256_add_ps(c01, c11);
+    c02 = _mm256_add_ps(c02, c12);
+    c03 = _mm256_add_ps(c03, c13);
+  }
+  acc[0][0] = c00; acc[0][1] = c01; acc[0][2] = c02; acc[0][3] = c03;
+  if (MR > 1) { auto& r = acc[MR > 1 ? 1 : 0]; r[0] = c10; r[1] = c11; r[2] = c12; r[3] = c13; }
+  if (MR > 2) { auto& r = acc[MR > 2 ? 2 : 0]; r[0] = c20; r[1] = c21; r[2] = c22; r[3] = c23; }
 }
+#undef FI_FMA_ROW
 
 template <int MR>
 inline void fwd_tile_mr(const FwdArgs<float>& a, const TileRows<float>& tr, int64_t jb, const float* hprev,
@@ -158,20 +174,42 @@ inline void fwd_tile_mr(const FwdArgs<float>& a, const TileRows<float>& tr, int6
   }
 }
 
-// dh[r][0..1] = sum_k A_r[k] * panel[k][0..15]
+// dh[r][0..1] = sum_k A_r[k] * panel[k][0..15], accumulators in locals (see gemm_fwd).
+#define FI_FMA_ROW2(R)                                     \
+  if (MR > R) {                                            \
+    const __m256 a_ = _mm256_broadcast_ss(a##R + k);       \
+    c##R##0 = _mm256_fmadd_ps(a_, b0, c##R##0);            \
+    c##R##1 = _mm256_fmadd_ps(a_, b1, c##R##1);            \
+  }
+
 template <int MR>
 inline void gemm_bwd(const float* const* A, const float* panel, int64_t K, __m256 (&acc)[MR][2]) {
+  static_assert(MR >= 1 && MR <= 6, "backward tile has 1..6 rows");
+  const __m256 z = _mm256_setzero_ps();
+  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+  const float* a0 = A[0];
+  const float* a1 = A[MR > 1 ? 1 : 0];
+  const float* a2 = A[MR > 2 ? 2 : 0];
+  const float* a3 = A[MR > 3 ? 3 : 0];
+  const float* a4 = A[MR > 4 ? 4 : 0];
+  const float* a5 = A[MR > 5 ? 5 : 0];
   for (int64_t k = 0; k < K; ++k) {
     const float* pk = panel + k * 16;
     const __m256 b0 = _mm256_loadu_ps(pk), b1 = _mm256_loadu_ps(pk + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(A[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-    }
+    FI_FMA_ROW2(0)
+    FI_FMA_ROW2(1)
+    FI_FMA_ROW2(2)
+    FI_FMA_ROW2(3)
+    FI_FMA_ROW2(4)
+    FI_FMA_ROW2(5)
+  }
+  const __m256 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm256_add_ps(acc[r][0], out[r][0]);
+    acc[r][1] = _mm256_add_ps(acc[r][1], out[r][1]);
   }
 }
+#undef FI_FMA_ROW2
 
 template <int MR>
 inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, const TileRows<float>& nxt, int64_t jb,
@@ -235,9 +273,30 @@ inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, con
   }
 }
 
+template <int MR>
+inline void proj_tile_mr(const ProjArgs<float>& a, const float* const* xr, float* const* orow, int64_t jb) {
+  const int64_t H = a.H, j0 = jb * 8;
+  const int nu = static_cast<int>(std::min<int64_t>(8, H - j0));
+  const bool full = nu == 8;
+  const __m256i m = tail_mask(nu);
+  __m256 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < 4; ++g) acc[r][g] = a.bias ? ld(a.bias + g * H + j0, full, m) : _mm256_setzero_ps();
+  gemm_fwd<MR>(xr, a.wih_packed + jb * a.E * 32, a.E, acc);
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < 4; ++g) st(orow[r] + g * H + j0, acc[r][g], full, m);
+}
+
 struct Avx2Policy {
   static constexpr int MR = 3;
   static constexpr int MRB = 6;
+  static void proj_tile(const ProjArgs<float>& a, const float* const* xr, float* const* orow, int mr, int64_t jb) {
+    switch (mr) {
+      case 3: proj_tile_mr<3>(a, xr, orow, jb); break;
+      case 2: proj_tile_mr<2>(a, xr, orow, jb); break;
+      default: proj_tile_mr<1>(a, xr, orow, jb); break;
+    }
+  }
   static void fwd_tile(const FwdArgs<float>& a, const TileRows<float>& tr, int mr, int64_t jb, const float* hprev,
                        float* hnext, float* cst, int64_t ldst) {
     switch (mr) {
@@ -264,6 +323,7 @@ struct Avx2Policy {
 bool avx2_compiled() { return true; }
 void forward_avx2(FwdArgs<float>& a) { forward_driver<Avx2Policy, float>(a); }
 void backward_avx2(BwdArgs<float>& a) { backward_driver<Avx2Policy, float>(a); }
+void projection_avx2(ProjArgs<float>& a) { projection_driver<Avx2Policy, float>(a); }
 
 }  // namespace lstm
 }  // namespace fi
@@ -275,6 +335,7 @@ namespace lstm {
 bool avx2_compiled() { return false; }
 void forward_avx2(FwdArgs<float>&) { throw std::runtime_error("fastinterest: AVX2 LSTM kernels not compiled"); }
 void backward_avx2(BwdArgs<float>&) { throw std::runtime_error("fastinterest: AVX2 LSTM kernels not compiled"); }
+void projection_avx2(ProjArgs<float>&) { throw std::runtime_error("fastinterest: AVX2 LSTM kernels not compiled"); }
 }  // namespace lstm
 }  // namespace fi
 

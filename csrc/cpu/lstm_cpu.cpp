@@ -97,6 +97,22 @@ struct GenericPolicy {
     }
   }
 
+  static void proj_tile(const ProjArgs<T>& a, const T* const* xr, T* const* orow, int mr, int64_t jb) {
+    const int64_t H = a.H, j0 = jb * 8;
+    const int nu = static_cast<int>(std::min<int64_t>(8, H - j0));
+    const T* pw = a.wih_packed + jb * a.E * 32;
+    for (int r = 0; r < mr; ++r) {
+      T acc[32];
+      for (int q = 0; q < 32; ++q) acc[q] = T(0);
+      for (int64_t k = 0; k < a.E; ++k) {
+        const T xv = xr[r][k];
+        for (int q = 0; q < 32; ++q) acc[q] += xv * pw[k * 32 + q];
+      }
+      for (int g = 0; g < 4; ++g)
+        for (int u = 0; u < nu; ++u) orow[r][g * H + j0 + u] = acc[g * 8 + u] + (a.bias ? a.bias[g * H + j0 + u] : T(0));
+    }
+  }
+
   static void bwd_tile(const BwdArgs<T>& a, const TileRows<T>& cur, const TileRows<T>& nxt, int mr, int64_t jb,
                        bool use_gemm, int64_t s, T* dc, int64_t ldst, T* dh_final) {
     const int64_t H = a.H, j0 = jb * 16, H4 = 4 * H;
@@ -288,6 +304,19 @@ void run_backward(BwdArgs<T>& a) {
   }
 #endif
   backward_driver<GenericPolicy<T>, T>(a);
+}
+
+template <typename T>
+void run_projection(ProjArgs<T>& a) {
+#ifdef FI_HAVE_AVX2_TU
+  if constexpr (std::is_same<T, float>::value) {
+    if (cpu_has_avx2() && avx2_compiled()) {
+      projection_avx2(a);
+      return;
+    }
+  }
+#endif
+  projection_driver<GenericPolicy<T>, T>(a);
 }
 
 template <typename T>
@@ -562,6 +591,39 @@ hprev [N, H] (h entering each step) or 0 to skip, dh0 and dc0 [B, H] batch order
 (descriptor, packed rows) through wih_packed[0], or sums projected table rows (tables, ids [B] with
 stride_b; stride_t unused). Per layer: whh_packed/wih_packed ('fwd' panels), bias [4H] (b_ih + b_hh)
 or 0, h_in/c_in [B, H] before the step, h_out/c_out [B, H] after (distinct from h_in/c_in).)doc");
+
+  m.def("lstm_input_projection",
+        [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d, const MatDesc& x, int64_t E,
+           std::uintptr_t wih_packed, std::uintptr_t bias, std::uintptr_t out, int64_t ldo) {
+          check_dtype(dtype);
+          Plan pl = make_plan(plan_d);
+          auto run = [&](auto tag) {
+            using T = decltype(tag);
+            ProjArgs<T> a;
+            a.plan = &pl;
+            a.H = H;
+            a.E = E;
+            a.reverse = reverse;
+            a.nthreads = std::max(1, nthreads);
+            a.x = to_mat<const T>(std::optional<MatDesc>(x));
+            a.wih_packed = ptr<const T>(wih_packed);
+            a.bias = bias ? ptr<const T>(bias) : nullptr;
+            a.out = ptr<T>(out);
+            a.ldo = ldo;
+            py::gil_scoped_release nogil;
+            run_projection<T>(a);
+          };
+          if (dtype == 0) run(float{});
+          else run(double{});
+        },
+        py::arg("dtype"), py::arg("nthreads"), py::arg("H"), py::arg("reverse"), py::arg("plan"), py::arg("x"),
+        py::arg("E"), py::arg("wih_packed"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
+        R"doc(Input projection of one direction for every valid step at once: out [N, ldo] (4H columns, packed
+rows) = x W_ih^T + bias, x a descriptor (packed rows or padded, E columns), wih_packed the 'fwd'
+panels of W_ih [4H, E], bias [4H] or 0. A register-blocked GEMM over all rows (for tiny batches).)doc");
+
+  m.def("lstm_set_unit_split_min", [](int64_t macs) { unit_split_min_macs() = macs; }, py::arg("macs"),
+        "Multiply-adds per step from which a tiny batch splits hidden units across threads (barrier per step).");
 
 #ifdef FI_HAVE_AVX2_TU
   m.def("lstm_simd", []() { return (cpu_has_avx2() && avx2_compiled()) ? "avx2" : "generic"; });

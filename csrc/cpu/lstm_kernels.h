@@ -37,6 +37,15 @@ namespace fi {
 namespace lstm {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Below this many multiply-adds per step, a tiny batch runs on one thread: a parallel region and a
+// barrier per step cost more than they save (B = 1, H = 128 is 64K MACs, ~1.5 us on one core; a
+// barrier ~0.3 us on an idle machine, far more when the cores are shared). Tunable at run time:
+// lstm_set_unit_split_min() / FASTINTEREST_LSTM_UNIT_SPLIT_MIN.
+inline int64_t& unit_split_min_macs() {
+  static int64_t v = 64 * 1024;
+  return v;
+}
+#define kUnitSplitMinMacs (::fi::lstm::unit_split_min_macs())
 inline int64_t fwd_packed_numel(int64_t H, int64_t K) { return ceil_div(H, 8) * K * 32; }
 inline int64_t bwd_packed_numel(int64_t H) { return ceil_div(H, 16) * 4 * H * 16; }
 
@@ -181,15 +190,25 @@ void forward_driver(FwdArgs<T>& a) {
     if (a.h0) std::memcpy(&hA[p * ldst], a.h0 + b * H, sizeof(T) * H);
     if (a.c0) std::memcpy(&cS[p * ldst], a.c0 + b * H, sizeof(T) * H);
   }
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, nb)));
+  // Threads: with enough rows, each thread owns fixed row tiles (tile k -> thread k % nthr) for the
+  // whole sequence. A position's recurrence reads only its own rows, so no synchronisation is needed
+  // between steps (robust when cores are shared). Tiny batches split the hidden units instead, with a
+  // barrier per step, and only when a step has enough work to pay for it.
+  const int64_t n0 = pl.maxlen > 0 ? pl.batch_sizes[0] : 0;
+  const int64_t tiles0 = ceil_div(n0, P::MR);
+  const bool row_split = a.nthreads > 1 && tiles0 >= 2 * a.nthreads;
+  int nthreads = 1;
+  if (row_split) nthreads = a.nthreads;
+  else if (n0 * H * 4 * H >= kUnitSplitMinMacs) nthreads = static_cast<int>(std::min<int64_t>(a.nthreads, nb));
   parallel(nthreads, [&](int tid, int nthr) {
-    const int64_t jb0 = nb * tid / nthr, jb1 = nb * (tid + 1) / nthr;
     T* hp = hA.data();
     T* hn = hB.data();
+    const int64_t jb0 = row_split ? 0 : nb * tid / nthr, jb1 = row_split ? nb : nb * (tid + 1) / nthr;
+    const int64_t kstep = row_split ? nthr : 1, k0 = row_split ? tid : 0;
     for (int64_t s = 0; s < pl.maxlen; ++s) {
       const int64_t n = pl.batch_sizes[s];
       for (int64_t jb = jb0; jb < jb1; ++jb) {
-        for (int64_t p0 = 0; p0 < n; p0 += P::MR) {
+        for (int64_t p0 = k0 * P::MR; p0 < n; p0 += kstep * P::MR) {
           const int mr = static_cast<int>(std::min<int64_t>(P::MR, n - p0));
           TileRows<T> tr;
           for (int r = 0; r < mr; ++r) {
@@ -203,7 +222,7 @@ void forward_driver(FwdArgs<T>& a) {
         }
       }
       std::swap(hp, hn);
-      barrier(nthr);
+      if (!row_split) barrier(nthr);
     }
   });
   // Final states and padding.
@@ -252,42 +271,52 @@ void backward_driver(BwdArgs<T>& a) {
   for (int64_t p = 0; p < B; ++p) {
     if (a.grad_cn) std::memcpy(&dc[p * ldst], a.grad_cn + pl.perm[p] * H, sizeof(T) * H);
   }
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, nb)));
+  // Threads as in forward_driver: fixed row tiles of MRB positions per thread (no barriers), or the
+  // hidden units split with a barrier per step for tiny batches.
+  const int64_t n0 = pl.maxlen > 0 ? pl.batch_sizes[0] : 0;
+  const int64_t tiles0 = ceil_div(n0, P::MRB);
+  const bool row_split = a.nthreads > 1 && tiles0 >= 2 * a.nthreads;
+  int nthreads = 1;
+  if (row_split) nthreads = a.nthreads;
+  else if (n0 * H * 4 * H >= kUnitSplitMinMacs) nthreads = static_cast<int>(std::min<int64_t>(a.nthreads, nb));
   parallel(nthreads, [&](int tid, int nthr) {
-    const int64_t jb0 = nb * tid / nthr, jb1 = nb * (tid + 1) / nthr;
+    const int64_t jb0 = row_split ? 0 : nb * tid / nthr, jb1 = row_split ? nb : nb * (tid + 1) / nthr;
+    const int64_t kstep = row_split ? nthr : 1, k0 = row_split ? tid : 0;
     for (int64_t s = pl.maxlen - 1; s >= -1; --s) {
       // s == -1: the GEMM-only pass that yields dh0 from the step-0 dgates.
+      if (s < 0 && !a.dh0) break;
       const int64_t n = s >= 0 ? pl.batch_sizes[s] : pl.batch_sizes[0];
       const int64_t n_next = (s + 1 < pl.maxlen) ? pl.batch_sizes[s + 1] : 0;
-      if (s < 0 && !a.dh0) break;
       for (int64_t jb = jb0; jb < jb1; ++jb) {
-        int64_t p0 = 0;
-        while (p0 < n) {
-          // Tiles never straddle n_next: rows below it take the recurrent GEMM, rows at or above
-          // it start here (their carry is dL/dh_n, dL/dc_n).
-          const bool use_gemm = p0 < n_next;
-          const int64_t lim = use_gemm ? n_next : n;
-          const int mr = static_cast<int>(std::min<int64_t>(P::MRB, lim - p0));
-          TileRows<T> cur, nxt;
-          for (int r = 0; r < mr; ++r) {
-            const int64_t p = p0 + r;
-            cur.p[r] = nxt.p[r] = p;
-            cur.b[r] = nxt.b[r] = pl.perm[p];
-            if (s >= 0) {
-              cur.t[r] = pl.time_of(s, p, a.reverse);
-              cur.row[r] = pl.offsets[cur.t[r]] + p;
+        for (int64_t t0 = k0 * P::MRB; t0 < n; t0 += kstep * P::MRB) {
+          // A fixed tile [t0, t0 + MRB) is cut at n_next: rows below it take the recurrent GEMM,
+          // rows at or above it start here (their carry is dL/dh_n, dL/dc_n).
+          const int64_t tend = std::min<int64_t>(t0 + P::MRB, n);
+          int64_t p0 = t0;
+          while (p0 < tend) {
+            const bool use_gemm = p0 < n_next;
+            const int64_t lim = use_gemm ? std::min(n_next, tend) : tend;
+            const int mr = static_cast<int>(lim - p0);
+            TileRows<T> cur, nxt;
+            for (int r = 0; r < mr; ++r) {
+              const int64_t p = p0 + r;
+              cur.p[r] = nxt.p[r] = p;
+              cur.b[r] = nxt.b[r] = pl.perm[p];
+              if (s >= 0) {
+                cur.t[r] = pl.time_of(s, p, a.reverse);
+                cur.row[r] = pl.offsets[cur.t[r]] + p;
+              }
+              if (use_gemm) {
+                nxt.t[r] = pl.time_of(s + 1, p, a.reverse);
+                nxt.row[r] = pl.offsets[nxt.t[r]] + p;
+              }
             }
-            if (use_gemm) {
-              nxt.t[r] = pl.time_of(s + 1, p, a.reverse);
-              nxt.row[r] = pl.offsets[nxt.t[r]] + p;
-            }
+            P::bwd_tile(a, cur, nxt, mr, jb, use_gemm, s, dc.data() + p0 * ldst, ldst, s < 0 ? a.dh0 : nullptr);
+            p0 += mr;
           }
-          P::bwd_tile(a, cur, nxt, mr, jb, use_gemm, s, dc.data() + p0 * ldst, ldst,
-                      s < 0 ? a.dh0 : nullptr);
-          p0 += mr;
         }
       }
-      barrier(nthr);
+      if (!row_split) barrier(nthr);
     }
   });
   for (int64_t p = 0; p < B; ++p) {
@@ -300,10 +329,61 @@ void backward_driver(BwdArgs<T>& a) {
   }
 }
 
+// ---------------------------------------------------------------- input projection (all steps at once)
+// out[r] = x(r) W_ih^T + bias for every packed row r of one direction: [N, 4H] rows (ld ldo), x rows
+// packed or padded (RowMat), W_ih as "fwd" panels (K = E). For tiny batches, where the recurrence
+// would otherwise apply W_ih one row at a time (a GEMV), this runs it as a register-blocked GEMM over
+// all N rows first. Rows are split across threads (no synchronisation).
+template <typename T>
+struct ProjArgs {
+  Plan* plan = nullptr;
+  int64_t H = 0, E = 0;
+  bool reverse = false;
+  int nthreads = 1;
+  RowMat<const T> x;
+  const T* wih_packed = nullptr;
+  const T* bias = nullptr;
+  T* out = nullptr;
+  int64_t ldo = 0;
+};
+
+// Policy P provides: static constexpr int MR; static void proj_tile(const ProjArgs<T>&, const T* const* xrows,
+//   T* const* orows, int mr, int64_t jb).
+template <class P, typename T>
+void projection_driver(ProjArgs<T>& a) {
+  Plan& pl = *a.plan;
+  const int64_t nb = ceil_div(a.H, 8);
+  // enumerate (row, b, t) of every packed row in row order
+  std::vector<int64_t> rb(static_cast<size_t>(pl.N)), rt(static_cast<size_t>(pl.N));
+  for (int64_t s = 0; s < pl.maxlen; ++s)
+    for (int64_t p = 0; p < pl.batch_sizes[s]; ++p) {
+      const int64_t t = pl.time_of(s, p, a.reverse);
+      const int64_t row = pl.offsets[t] + p;
+      rb[row] = pl.perm[p];
+      rt[row] = t;
+    }
+  const int64_t tiles = ceil_div(pl.N, P::MR);
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, tiles / 4)));
+  parallel(nthreads, [&](int tid, int nthr) {
+    for (int64_t k = tid; k < tiles; k += nthr) {
+      const int64_t r0 = k * P::MR;
+      const int mr = static_cast<int>(std::min<int64_t>(P::MR, pl.N - r0));
+      const T* xr[8];
+      T* orow[8];
+      for (int r = 0; r < mr; ++r) {
+        xr[r] = a.x.at(r0 + r, rb[r0 + r], rt[r0 + r]);
+        orow[r] = a.out + (r0 + r) * a.ldo;
+      }
+      for (int64_t jb = 0; jb < nb; ++jb) P::proj_tile(a, xr, orow, mr, jb);
+    }
+  });
+}
+
 // ---------------------------------------------------------------- AVX2 entry points (lstm_avx2.cpp)
 bool avx2_compiled();
 void forward_avx2(FwdArgs<float>& a);
 void backward_avx2(BwdArgs<float>& a);
+void projection_avx2(ProjArgs<float>& a);
 
 }  // namespace lstm
 }  // namespace fi

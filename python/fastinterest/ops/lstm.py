@@ -113,13 +113,19 @@ def _(x, lengths, h0, c0, weights, has_bias, num_layers, bidirectional, batch_fi
     h_n = x.new_empty(num_layers * dirs, B, H)
     c_n = x.new_empty(num_layers * dirs, B, H)
     dropout_active = dropout > 0 and training and num_layers > 1
-    ws = [x.new_empty(s) for s in _impl(backend).ws_shapes(B, T, E, H, num_layers, dirs, dropout_active, need_ws)]
+    impl = _impl(backend)
+    if backend == "ext":
+        shapes = impl.ws_shapes(B, T, E, H, num_layers, dirs, dropout_active, need_ws, device=x.device.type)
+    else:
+        shapes = impl.ws_shapes(B, T, E, H, num_layers, dirs, dropout_active, need_ws)
+    ws = [x.new_empty(s) for s in shapes]
     return [out, h_n, c_n, *ws]
 
 
 # ---------------------------------------------------------------- backward op
 @torch.library.custom_op("fastinterest::lstm_backward", mutates_args=())
-def lstm_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, x: Tensor, lengths: Tensor,
+def lstm_backward_op(grad_out: Optional[Tensor], grad_hn: Optional[Tensor], grad_cn: Optional[Tensor], x: Tensor,
+                     lengths: Tensor,
                      h0: Optional[Tensor], c0: Optional[Tensor], weights: List[Tensor], out: Tensor,
                      ws: List[Tensor], has_bias: bool, num_layers: int, bidirectional: bool, batch_first: bool,
                      dropout: float, backend: str) -> List[Tensor]:
@@ -132,8 +138,10 @@ def lstm_backward_op(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, x: Tens
 @lstm_backward_op.register_fake
 def _(grad_out, grad_hn, grad_cn, x, lengths, h0, c0, weights, out, ws, has_bias, num_layers, bidirectional,
       batch_first, dropout, backend):
-    return [torch.empty_like(x), torch.empty_like(grad_hn), torch.empty_like(grad_cn),
-            *[torch.empty_like(w) for w in weights]]
+    B = x.shape[0] if batch_first else x.shape[1]
+    H = weights[1].shape[1]
+    L = num_layers * (2 if bidirectional else 1)
+    return [torch.empty_like(x), x.new_empty(L, B, H), x.new_empty(L, B, H), *[torch.empty_like(w) for w in weights]]
 
 
 def _setup_context(ctx, inputs, output):
@@ -142,6 +150,9 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (has_bias, num_layers, bidirectional, batch_first, dropout, backend, need_ws)
     ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
     ctx.n_w = len(weights)
+    # The workspace outputs never receive gradients: do not let autograd materialise zeros for them
+    # (a [B*T, 4H] zero fill per layer and direction); missing gradients arrive as None.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, lengths, h0, c0, output[0], *weights, *output[3:])
 
 
@@ -154,9 +165,9 @@ def _backward(ctx, grads):
     x, lengths, h0, c0, out = saved[:5]
     weights = list(saved[5:5 + ctx.n_w])
     ws = list(saved[5 + ctx.n_w:])
-    g_out, g_hn, g_cn = grads[0], grads[1], grads[2]
-    res = lstm_backward_op(g_out.contiguous(), g_hn.contiguous(), g_cn.contiguous(), x, lengths, h0, c0, weights,
-                           out, ws, has_bias, num_layers, bidirectional, batch_first, dropout, backend)
+    g_out, g_hn, g_cn = (None if g is None else g.contiguous() for g in grads[:3])
+    res = lstm_backward_op(g_out, g_hn, g_cn, x, lengths, h0, c0, weights, out, ws, has_bias, num_layers,
+                           bidirectional, batch_first, dropout, backend)
     gx, gh0, gc0 = res[0], res[1], res[2]
     gw = list(res[3:])
     return (gx, None, gh0 if ctx.has_h0 else None, gc0 if ctx.has_c0 else None, gw, None, None, None, None, None,
