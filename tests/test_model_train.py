@@ -1,0 +1,153 @@
+"""Trainer: learning, run-directory format, resume after a kill, DDP (torchrun, gloo) on toy data."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastinterest.metrics import evaluate_scorer
+from fastinterest.models import ModelScorer
+from fastinterest.train import TrainConfig, Trainer, latest_checkpoint, read_config
+from fastinterest.train.checkpoint import load_tensors
+
+from test_model import toy_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(embedding_dim=16, hidden_size=32, batch_size=32, negatives=32, lr=1e-2, layers="torch", patience=50)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_splits(persons=160)
+
+
+def _fit(splits, vocab, out, **kw):
+    cfg = TrainConfig(**{**SMALL, **kw})
+    return Trainer(cfg, progress=False, log=lambda *_: None).fit(splits, out, vocab=vocab, data_info={"max_len": 22})
+
+
+def test_training_learns_planted_interests(toy, tmp_path):
+    splits, vocab, _ = toy
+    # the pure LSTM (no history-share / repeat skip features, which alone would score well): it must learn
+    summary = _fit(splits, vocab, tmp_path / "run", epochs=8, history_share=False, repeat_term=False)
+    log = summary["log"]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    res = evaluate_scorer(ModelScorer(Trainer_model(tmp_path / "run")), splits["test"], splits["valid"])
+    assert res["auc"] > 0.75, res["auc"]  # untrained: ~0.5; the planted categories are learnable
+
+
+def Trainer_model(run_dir):
+    from fastinterest.apps import Run
+
+    return Run.load(run_dir).model
+
+
+def test_run_directory_format(toy, tmp_path):
+    splits, vocab, _ = toy
+    out = tmp_path / "run"
+    _fit(splits, vocab, out, epochs=2)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert {"config.json", "model.safetensors", "vocab.json", "train_log.jsonl"} <= set(files)
+    assert all(f.endswith((".json", ".jsonl", ".safetensors")) for f in files), files  # never pickle
+    cfg = read_config(out)
+    assert cfg["format"] == "fastinterest.run" and cfg["format_version"] == 1
+    assert set(cfg["model"]) == {"num_items", "num_categories", "num_actions", "num_platforms", "embedding_dim",
+                                 "hidden_size", "num_layers", "dropout", "encoder", "layers", "history_share",
+                                 "repeat_term"}
+    assert cfg["best"]["epoch"] in (1, 2) and cfg["train"]["seed"] == 0
+    assert json.loads((out / "vocab.json").read_text()) == vocab
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and "valid_auc" in log[0] and log[0]["sequences_per_s"] > 0
+    assert latest_checkpoint(out).name == "epoch-0002"
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(toy, tmp_path):
+    splits, vocab, _ = toy
+    _fit(splits, vocab, tmp_path / "straight", epochs=3, dropout=0.2)
+    # "killed" after epoch 2: run 2 epochs, leave a half-written checkpoint behind, resume to 3
+    _fit(splits, vocab, tmp_path / "killed", epochs=2, dropout=0.2)
+    half = tmp_path / "killed" / "checkpoint" / ".epoch-0003.tmp999"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(tmp_path / "killed").name == "epoch-0002"
+    _fit(splits, vocab, tmp_path / "killed", epochs=3, dropout=0.2)
+    a = load_tensors(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_tensors(latest_checkpoint(tmp_path / "killed") / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    la = (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()
+    lb = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["train_loss"] for x in la] == [json.loads(x)["train_loss"] for x in lb]
+
+
+def test_early_stopping_keeps_the_best_epoch(toy, tmp_path):
+    splits, vocab, _ = toy
+    # lr=0 never improves after epoch 1: stops after 1 + patience epochs, best = epoch 1
+    summary = _fit(splits, vocab, tmp_path / "run", epochs=10, lr=0.0, patience=2)
+    assert summary["epochs_run"] == 3 and summary["best"]["epoch"] == 1
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from test_model import toy_splits
+    from fastinterest.train import TrainConfig, Trainer
+    splits, vocab, _ = toy_splits(persons=160)
+    cfg = TrainConfig(**json.loads(sys.argv[2]))
+    s = Trainer(cfg, progress=False, log=lambda *_: None).fit(splits, sys.argv[1], vocab=vocab)
+    if s["rank"] == 0:
+        print("RESULT", json.dumps({{"world": s["world_size"], "auc": s["log"][-1]["valid_auc"]}}))
+""")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_matches_single_process(tmp_path):
+    pytest.importorskip("torch.distributed")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
+    cfg = json.dumps({**SMALL, "epochs": 5})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "OMP_NUM_THREADS": "1"}
+    results = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script),
+               str(tmp_path / f"run{n}"), cfg]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
+        results[n] = json.loads(line.split(" ", 1)[1])
+    assert results[2]["world"] == 2
+    assert abs(results[2]["auc"] - results[1]["auc"]) < 0.05, results
+
+
+def test_fit_logistic_matches_sklearn():
+    lm = pytest.importorskip("sklearn.linear_model")
+    from fastinterest.train.warmstart import fit_logistic
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 2))
+    y = rng.random(2000) < 1 / (1 + np.exp(-(1.5 * X[:, 0] - 0.7 * X[:, 1] + 0.3)))
+    w = fit_logistic(np.c_[X, np.ones(len(X))], y, ridge=0.0)
+    ref = lm.LogisticRegression(C=1e9, max_iter=1000).fit(X, y)
+    np.testing.assert_allclose(w[:2], ref.coef_[0], atol=1e-3)
+    assert w[2] == pytest.approx(ref.intercept_[0], abs=1e-3)
+
+
+def test_warm_start_fits_the_toy_data(toy):
+    from fastinterest.train.warmstart import fit_warm_start
+
+    splits, _, _ = toy
+    ws = fit_warm_start(splits["train"], 2 + 12 * 8, 14)
+    assert ws["share_gain"] > 1.0  # planted categories: the history share predicts the next ones
+    assert ws["item_bias"].shape == (2 + 12 * 8,)
