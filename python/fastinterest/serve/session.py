@@ -1,0 +1,780 @@
+"""`Session`: a trained run loaded for serving, with every person's sequence state in memory.
+
+    from fastinterest.serve import Session
+    s = Session("runs/demo")                                  # safetensors + JSON only, no pickle
+    s.interests("043fca71fee157a6...", k=5)                   # a known person (pseudonym or prepared id)
+    s.interests(events=[{"platform": "shop", "action": "view", "item_id": "I1000262",
+                         "timestamp": 1704164136, "category": "laptops"}])      # a history sent inline
+    s.append("043fca71fee157a6...", [event, ...])             # absorb new events: O(new events)
+    s.recommend(person, k=10); s.similar(person, k=10); s.target(category="laptops", k=100)
+    s.interests_batch(["p1", "p2"], k=5)                      # batch forms: lists in, lists out
+
+What a person is
+----------------
+At load, every person of the run's prepared data set gets a state: the LSTM run over their last
+`max_len` events (the run's window), keyed by pseudonym (and by the prepared numeric id as an alias).
+`append(person, events)` advances that state by the new events only — `EmbeddingLSTM.step` for one
+event per person, a forward from the stored (h, c) for more — and persists the events and the new
+state (see `fastinterest.serve.state`) before it returns. A person never seen before starts from the
+zero state with their first append. So the state of a person is always the model run over the stream
+"prepared window, then every appended event in arrival order" (events of one append call are put in
+time order; events are never re-sorted across calls).
+
+The user vector is the model's: [top-layer h ; category shares of the window] (`InterestModel.user_from_state`),
+and the item head adds the model's repeat term from the window's items. The window holds the ids of the
+person's last `max_len` events.
+
+Cold start: a person with no events (unknown key, or an empty inline history) is answered from
+popularity — category and item counts of the training vocabulary — with `"source": "popularity"`;
+`similar` answers them with the persons closest to the average person.
+
+`recompute=True` turns the sequence state off: every answer for a known person runs the LSTM over their
+window again, and appends only extend the window — what a service built on layers without per-person
+state must do. It is the baseline of `benchmarks/bench_serve.py`, and equals the stateful answers while a
+person's stream fits in the window.
+
+Threads
+-------
+One model in memory serves any number of threads: the weights are read-only, the engine's caches are
+built at load, reads copy the rows they need under a lock, and appends are serialised (one batch at a
+time; batch many persons in one call for throughput). Everything runs under `torch.no_grad()`; inputs
+and outputs are plain Python and numpy values.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Self
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..apps.run import Run
+from .engine import make_engine
+from .events import FIELDS, EncodedEvents, EventEncoder, EventError
+from .state import PersonStates, StateRecord, StateStore, run_fingerprint
+
+__all__ = ["EventError", "Session"]
+
+MEMORY = ":memory:"
+ITEM, CATEGORY = FIELDS.index("item"), FIELDS.index("category")
+
+
+@dataclass
+class _Subjects:
+    """The rows a read call is about: user vectors and windows, plus who they are."""
+
+    user: np.ndarray         # float32 [n, U] (zeros where cold)
+    window: np.ndarray       # int64 [n, 4, W] ids of the last W events per field (FIELDS order)
+    n_events: np.ndarray     # int64 [n]
+    rows: np.ndarray         # int64 [n]: the person's row, -1 for inline histories and unknown persons
+    keys: list               # the person's key (None for inline histories)
+    known: np.ndarray        # bool [n]: has at least one event (else: cold start)
+    win_len: np.ndarray      # int64 [n]: valid entries of the window
+
+    @property
+    def win_item(self) -> np.ndarray:
+        return self.window[:, ITEM]
+
+
+@dataclass
+class _PendingAppend:
+    """New states computed by an append, not yet visible (`Session._publish`); one row per person."""
+
+    people: list
+    events: list             # per person, the EncodedEvents of the batch in order
+    counts: np.ndarray       # int64 [B] new events per person
+    h: np.ndarray            # float32 [B, L, H]
+    c: np.ndarray
+    window: np.ndarray       # int32 [B, 4, W]
+    n_events: np.ndarray     # int64 [B]
+    user: np.ndarray         # float32 [B, U]
+    results: list            # one dict per request
+    last_seq: np.ndarray | None = None
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def number_events(self, first: int) -> None:
+        """Log positions first, first + 1, ... to the events in person order; last_seq per person."""
+        self.last_seq = (first - 1 + np.cumsum(self.counts)).astype(np.int64)
+
+    def persist(self, db) -> None:
+        """Write the events and the new states inside the caller's transaction."""
+        rows = []
+        for person, evs in zip(self.people, self.events):
+            for e in evs:
+                raws = [json.dumps(r, separators=(",", ":"), default=str) for r in e.raw] if e.raw else ["{}"] * len(e)
+                for (item, category, action, platform, timestamp), raw in zip(e.table.tolist(), raws):
+                    rows.append((person, timestamp, item, category, action, platform, raw))
+        first = StateStore.insert_events(db, rows) if rows else 1
+        self.number_events(first)
+        StateStore.put_states(db, [StateRecord(self.people[b], int(self.n_events[b]), int(self.last_seq[b]), self.h[b],
+                                               self.c[b], self.window[b]) for b in range(len(self.people))])
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices of the k largest scores, best first (ties: lower index first)."""
+    n, V = scores.shape
+    k = max(0, min(int(k), V))
+    if k == 0:
+        return np.zeros((n, 0), np.int64), np.zeros((n, 0), scores.dtype)
+    rows = np.arange(n)[:, None]
+    if k < V // 4 and V > 256:
+        cand = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        cand.sort(axis=1)  # index order first, so the stable sort below breaks ties by index
+        order = np.argsort(-scores[rows, cand], axis=1, kind="stable")
+        idx = cand[rows, order]
+    else:
+        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return idx, scores[rows, idx]
+
+
+def _person_key(person) -> str:
+    if isinstance(person, bool) or not isinstance(person, (str, int, np.integer)):
+        raise TypeError(f"a person is a string or an integer id, got {type(person).__name__}")
+    key = str(person)
+    if not key:
+        raise ValueError("a person key must not be empty")
+    return key
+
+
+def _ids_matrix(encoded: Sequence[Sequence[EncodedEvents]], counts: np.ndarray) -> np.ndarray:
+    """[B, 4, T] ids (left-aligned) of the events of each row; row b holds the events of encoded[b] in order."""
+    B, T = len(encoded), max(1, int(counts.max(initial=0)))
+    flat = np.concatenate([e.ids for evs in encoded for e in evs])  # [N, 4]
+    if T == 1 and len(flat) == B:  # one new event per row: the common case
+        return flat.reshape(B, 4, 1)
+    out = np.zeros((B, 4, T), np.int64)
+    owner = np.repeat(np.arange(B), counts)
+    pos = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out[owner, :, pos] = flat
+    return out
+
+
+class Session:
+    """A trained run ready to serve (see the module docstring).
+
+    Args:
+        run_dir: a run directory (`fastinterest train --out RUN`).
+        device: where the model runs ("cpu", "cuda"); states live in host memory.
+        backend: force a fastinterest LSTM kernel backend ("ext", "numba", "triton", "reference").
+        layers: "fastinterest" (fused kernels) or "torch" (stock torch.nn layers; same answers).
+        state: the SQLite file that makes appends durable (default RUN/serving/state.sqlite3);
+            ":memory:" keeps appended state in memory only.
+        prepared: the prepared data set whose persons are known at load (default: the run's); False: none.
+        synchronous: "normal" (durable when the process dies, the default) or "full" (also when the
+            machine loses power; an fsync per append batch).
+        max_len: the window of events the history features read (default: the run's max_len).
+        recompute: no sequence state: recompute known persons from their window on every read (the
+            stateless baseline, see the module docstring).
+    """
+
+    def __init__(self, run_dir, device: str = "cpu", backend: str | None = None, *, layers: str = "fastinterest",
+                 state=None, prepared=None, synchronous: str = "normal", max_len: int | None = None,
+                 recompute: bool = False, load_batch: int = 512):
+        self.run_dir = Path(run_dir)
+        if layers not in ("fastinterest", "torch"):
+            raise ValueError(f"layers must be 'fastinterest' or 'torch', not {layers!r}")
+        self.run = Run.load(self.run_dir, device=device, layers=layers)
+        self.model = self.run.model.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.engine = make_engine(self.model, layers, backend)
+        self.layers = self.engine.name
+        with torch.no_grad():
+            self.engine.warm_up()
+        self.recompute = bool(recompute)
+        self.window = int(max_len or self.run.data_params["max_len"])
+        self.encoder = EventEncoder(self.run.vocab)
+        self.item_tokens = self.run.tokens("item")
+        self.category_tokens = self.run.tokens("category")
+        self._category_id = {t: i for i, t in enumerate(self.category_tokens)}
+        self._item_id = {t: i for i, t in enumerate(self.item_tokens)}
+        self._popularity()
+        self._fast_user = self._check_fast_user()
+
+        self._lock = threading.RLock()          # guards self.states (reads copy rows under it)
+        self._append_lock = threading.Lock()    # one append batch at a time
+        L, H = self.engine.num_layers, self.engine.hidden_size
+        self.states = PersonStates(L, H, self.window, int(self.model.user_dim))
+        self._synced_seq = 0                    # the store's log position this process has applied
+        self._local_seq = 0                     # log positions of appends without a store
+
+        prepared_dir = self._prepared_dir(prepared)
+        if prepared_dir is not None:
+            self._load_prepared(prepared_dir, load_batch)
+        self.store: StateStore | None = None
+        if state != MEMORY:
+            path = Path(state) if state is not None else self.run_dir / "serving" / "state.sqlite3"
+            self.store = StateStore(path, shape=(L, H, self.window), synchronous=synchronous,
+                                    fingerprint=run_fingerprint(self.run_dir, self.window, prepared_dir, self.recompute))
+            self._apply_records(self.store.states_since(0))
+
+    # ------------------------------------------------------------------ loading
+    def _popularity(self) -> None:
+        """Cold-start answers: shares of the training events per category and per item, best first."""
+        def ranked(field, score_name):
+            tokens = self.run.tokens(field)
+            counts = np.asarray(self.run.vocab[field].get("counts") or [0] * len(tokens), np.float64)
+            counts[:2] = 0.0  # <pad>, <unk>
+            shares = counts / counts.sum() if counts.sum() > 0 else counts
+            return [{field: tokens[i], score_name: float(shares[i])}
+                    for i in np.argsort(-shares, kind="stable").tolist() if shares[i] > 0]
+
+        self._cat_pop_answer = ranked("category", "probability")
+        self._item_pop_answer = ranked("item", "score")
+
+    def _prepared_dir(self, prepared):
+        if prepared is False:
+            return None
+        if prepared is not None:
+            path = Path(prepared)
+            if not (path / "events.parquet").exists():
+                raise FileNotFoundError(f"{path}: not a prepared directory (no events.parquet)")
+            return path
+        recorded = self.run.prepared_dir
+        if recorded and (Path(recorded) / "events.parquet").exists():
+            return Path(recorded)
+        warnings.warn(f"the run's prepared data ({recorded}) is not available: no person is known at load; "
+                      "persons become known as events are appended", stacklevel=3)
+        return None
+
+    def _load_prepared(self, prepared_dir: Path, batch: int) -> None:
+        """States of every prepared person from their last `window` events."""
+        from ..data import build_person_histories, load_prepared
+
+        prepared = load_prepared(prepared_dir)
+        hist = build_person_histories(prepared, self.window)
+        P = len(hist)
+        names: dict[int, str] = {}
+        persons_file = prepared_dir / "persons.parquet"
+        if persons_file.exists():
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(persons_file, columns=["person", "pseudonym"])
+            names = dict(zip(table.column("person").to_pylist(), table.column("pseudonym").to_pylist()))
+        totals = np.diff(prepared.person_offsets)[:P] if P else np.zeros(0, np.int64)
+        W = self.window
+        for lo in range(0, P, batch):
+            hi = min(P, lo + batch)
+            lengths = np.asarray(hist.lengths[lo:hi], np.int64)
+            window = np.zeros((hi - lo, 4, W), np.int32)
+            for j, f in enumerate(FIELDS):
+                window[:, j] = np.asarray(getattr(hist, f)[lo:hi, :W])
+            h, c, user = self._run_windows(window, lengths)
+            rows = []
+            for p in range(lo, hi):
+                person_id = int(hist.person[p])
+                r = self.states.add(str(names.get(person_id, person_id)))
+                self.states.alias(str(person_id), r)
+                rows.append(r)
+            self.states.set_rows(np.asarray(rows), h, c, window, totals[lo:hi], np.zeros(hi - lo, np.int64), user)
+
+    # ------------------------------------------------------------------ model pieces
+    def _run_windows(self, window: np.ndarray, lengths: np.ndarray):
+        """The LSTM from the zero state over windows [R, 4, W'] with `lengths` valid events:
+        (h [R, L, H], c [R, L, H], user vectors [R, U]) as numpy."""
+        width = max(1, int(lengths.max(initial=0)))
+        ids = [torch.as_tensor(np.asarray(window[:, j, :width], np.int64), device=self.device) for j in range(4)]
+        h, c = self.engine.run(ids, torch.as_tensor(np.asarray(lengths, np.int64)))
+        h_np = h.transpose(0, 1).float().cpu().numpy()
+        return h_np, c.transpose(0, 1).float().cpu().numpy(), self._user_vectors(h_np[:, -1], window[:, CATEGORY],
+                                                                                  lengths)
+
+    def _user_vectors(self, h: np.ndarray, win_cat: np.ndarray, win_len: np.ndarray) -> np.ndarray:
+        """User vectors [R, U] from top-layer states h [R, H] and the windows' categories [R, W]."""
+        win_len = np.minimum(np.asarray(win_len, np.int64), self.window)
+        if self._fast_user:
+            return self._user_numpy(np.asarray(h, np.float32), np.asarray(win_cat), win_len)
+        return self._user_model(h, win_cat, win_len)
+
+    @torch.no_grad()
+    def _user_model(self, h: np.ndarray, win_cat: np.ndarray, win_len: np.ndarray) -> np.ndarray:
+        """The model's own definition (`InterestModel.user_from_state`)."""
+        cats = torch.as_tensor(np.asarray(win_cat, np.int64), device=self.device)
+        return self.model.user_from_state(torch.as_tensor(np.asarray(h, np.float32), device=self.device), cats,
+                                          torch.as_tensor(win_len)).float().cpu().numpy()
+
+    def _user_numpy(self, h: np.ndarray, win_cat: np.ndarray, win_len: np.ndarray) -> np.ndarray:
+        """The same in numpy, ~10x cheaper for the few rows of a request: [h ; share of the window's events
+        per category] (categories < 2, pad and unk, not counted). Checked against the model at load."""
+        if not self.model.history_share:
+            return np.ascontiguousarray(h, np.float32)
+        R, W = win_cat.shape
+        C = self.model.num_categories
+        counted = (np.arange(W)[None, :] < win_len[:, None]) & (win_cat >= 2)
+        rows = np.nonzero(counted)[0]
+        counts = np.bincount(rows * C + win_cat[counted], minlength=R * C).reshape(R, C).astype(np.float32)
+        share = counts / np.maximum(counted.sum(1, keepdims=True), 1).astype(np.float32)
+        return np.concatenate([h, share], axis=1)
+
+    def _check_fast_user(self) -> bool:
+        """Use `_user_numpy` only if it reproduces the model's user vectors (else warn and use the model)."""
+        rng = np.random.default_rng(0)
+        R, W, C = 5, self.window, self.model.num_categories
+        h = rng.standard_normal((R, self.engine.hidden_size)).astype(np.float32)
+        cats = rng.integers(0, C, (R, W))
+        lens = np.minimum(np.asarray([0, 1, W // 2, W, W + 7]), W)
+        try:
+            same = np.allclose(self._user_numpy(h, cats, lens), self._user_model(h, cats, lens), atol=1e-6)
+        except Exception:  # noqa: BLE001 - any mismatch in shape or definition: use the model's code
+            same = False
+        if not same:
+            warnings.warn("the model's user vector is not [h ; category shares]: serving computes it with the model "
+                          "(slower per request)", stacklevel=3)
+        return same
+
+    def _tensor(self, a, dtype=torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)
+
+    # ------------------------------------------------------------------ inputs
+    def encode_events(self, events) -> EncodedEvents:
+        """Validate and encode raw event dicts (raises EventError naming the bad event and field)."""
+        if isinstance(events, EncodedEvents):
+            return events
+        return self.encoder.encode(events)
+
+    def category_id(self, category) -> int:
+        """The vocabulary id of a category token (KeyError when the run does not know it)."""
+        idx = self._category_id.get(str(category))
+        if idx is None or idx < 2:
+            raise KeyError(f"unknown category {category!r}")
+        return idx
+
+    def item_id(self, item) -> int:
+        idx = self._item_id.get(str(item))
+        if idx is None or idx < 2:
+            raise KeyError(f"unknown item {item!r}")
+        return idx
+
+    # ------------------------------------------------------------------ reading states
+    def _sync(self) -> None:
+        """Pick up states that other processes sharing the store committed."""
+        if self.store is not None and self.store.changed():
+            with self._lock:
+                since = self._synced_seq
+            self._apply_records(self.store.states_since(since))
+
+    def _apply_records(self, records: Sequence[StateRecord]) -> None:
+        if not records:
+            return
+        with self._lock:
+            fresh = []
+            for rec in records:
+                r = self.states.add(rec.person)
+                if rec.last_seq > self.states.last_seq[r]:
+                    fresh.append((r, rec))
+            if fresh:
+                rows = np.asarray([r for r, _ in fresh])
+                h = np.stack([rec.h for _, rec in fresh])
+                c = np.stack([rec.c for _, rec in fresh])
+                window = np.stack([rec.window for _, rec in fresh])
+                n = np.asarray([rec.n_events for _, rec in fresh], np.int64)
+                seq = np.asarray([rec.last_seq for _, rec in fresh], np.int64)
+                user = self._user_vectors(h[:, -1], window[:, CATEGORY], n)
+                self.states.set_rows(rows, h, c, window, n, seq, user)
+            self._synced_seq = max(self._synced_seq, max(rec.last_seq for rec in records))
+
+    def _subjects(self, persons, events) -> _Subjects:
+        """Resolve a batch of read requests: row i is persons[i] (a key) or events[i] (an inline history)."""
+        if persons is None and events is None:
+            raise ValueError("give persons or events")
+        n = len(persons) if persons is not None else len(events)
+        if persons is not None and events is not None and len(events) != n:
+            raise ValueError(f"{len(persons)} persons but {len(events)} event lists")
+        W = self.window
+        user = np.zeros((n, self.states.user_dim), np.float32)
+        window = np.zeros((n, 4, W), np.int64)
+        n_events = np.zeros(n, np.int64)
+        rows = np.full(n, -1, np.int64)
+        keys: list = [None] * n
+        inline: list[tuple[int, EncodedEvents]] = []
+        lookups: list[tuple[int, str]] = []
+        for i in range(n):
+            person = persons[i] if persons is not None else None
+            ev = events[i] if events is not None else None
+            if (person is None) == (ev is None):
+                raise ValueError(f"request {i}: give exactly one of person or events")
+            if person is not None:
+                lookups.append((i, _person_key(person)))
+            else:
+                inline.append((i, self.encode_events(ev).tail(W)))
+        if lookups:
+            self._sync()
+            with self._lock:
+                st = self.states
+                for i, key in lookups:
+                    r = st.index.get(key)
+                    keys[i] = st.keys[r] if r is not None else key
+                    rows[i] = -1 if r is None else r
+                idx = np.asarray([i for i, _ in lookups if rows[i] >= 0], np.int64)
+                r = rows[idx]
+                user[idx], window[idx], n_events[idx] = st.user[r], st.window[r], st.n_events[r]
+        win_len = np.minimum(n_events, W)
+        if self.recompute and lookups:  # no sequence state: run the LSTM over each known person's window
+            idx = np.flatnonzero((rows >= 0) & (n_events > 0))
+            if len(idx):
+                user[idx] = self._run_windows(window[idx], win_len[idx])[2]
+        if inline:
+            idx = np.asarray([i for i, _ in inline], np.int64)
+            lengths = np.asarray([len(e) for _, e in inline], np.int64)
+            for i, e in inline:
+                window[i, :, : len(e)] = e.ids.T
+            n_events[idx] = win_len[idx] = lengths
+            user[idx] = self._run_windows(window[idx], lengths)[2]
+        return _Subjects(user, window, n_events, rows, keys, n_events > 0, win_len)
+
+    @staticmethod
+    def _ks(k, n: int) -> list[int]:
+        ks = list(k) if isinstance(k, (list, tuple, np.ndarray)) else [k] * n
+        if len(ks) != n:
+            raise ValueError(f"{len(ks)} values of k for {n} requests")
+        for v in ks:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"k must be a positive integer, got {v!r}")
+        return [int(v) for v in ks]
+
+    @staticmethod
+    def _rows(n: int, values, name: str) -> list:
+        if values is None or not isinstance(values, (list, tuple)):
+            return [values] * n
+        if len(values) != n:
+            raise ValueError(f"{len(values)} values of {name} for {n} requests")
+        return list(values)
+
+    # ------------------------------------------------------------------ interests
+    def interests(self, person=None, *, events=None, k: int = 10) -> dict:
+        """Top-k categories by interest probability, for a person or an inline history of raw events.
+
+        Returns {"person", "source": "model"|"popularity", "n_events", "interests": [{"category", "probability"}]}."""
+        return self.interests_batch(None if person is None else [person], events=None if events is None else [events],
+                                    k=k)[0]
+
+    @torch.no_grad()
+    def interests_batch(self, persons=None, *, events=None, k=10) -> list[dict]:
+        """Batch form of `interests`: persons[i] or events[i] per row (the other None); k an int or a list."""
+        subj = self._subjects(persons, events)
+        n = len(subj.rows)
+        ks = self._ks(k, n)
+        # every row through the head (cold rows are answered from popularity below)
+        probs = torch.sigmoid(self.model.interest_logits(self._tensor(subj.user))).float().cpu().numpy()
+        probs[:, :2] = -np.inf
+        idx, vals = _top_k(probs, max(ks))
+        idx, vals, is_known, n_events = idx.tolist(), vals.tolist(), subj.known.tolist(), subj.n_events.tolist()
+        tokens = self.category_tokens
+        out = []
+        for i in range(n):
+            if is_known[i]:
+                top = [{"category": tokens[c], "probability": p} for c, p in zip(idx[i][: ks[i]], vals[i][: ks[i]])]
+            else:
+                top = [dict(x) for x in self._cat_pop_answer[: ks[i]]]
+            out.append({"person": subj.keys[i], "source": "model" if is_known[i] else "popularity",
+                        "n_events": n_events[i], "interests": top})
+        return out
+
+    # ------------------------------------------------------------------ recommend
+    def recommend(self, person=None, *, events=None, k: int = 10, exclude_seen: bool = True) -> dict:
+        """Top-k items by the item head's score (items in the person's window left out by default).
+
+        Returns {"person", "source", "n_events", "items": [{"item", "score"}]} (score: the click logit;
+        for cold start, the item's share of training events)."""
+        return self.recommend_batch(None if person is None else [person], events=None if events is None else [events],
+                                    k=k, exclude_seen=exclude_seen)[0]
+
+    @torch.no_grad()
+    def recommend_batch(self, persons=None, *, events=None, k=10, exclude_seen=True) -> list[dict]:
+        subj = self._subjects(persons, events)
+        n = len(subj.rows)
+        ks = self._ks(k, n)
+        excl = self._rows(n, exclude_seen, "exclude_seen")
+        known = np.flatnonzero(subj.known)
+        out: list[dict | None] = [None] * n
+        if len(known):
+            scores = self.model.item_logits(self._tensor(subj.user[known]), None,
+                                            self._tensor(subj.win_item[known], torch.long),
+                                            self._tensor(subj.win_len[known], torch.long)).float().cpu().numpy()
+            scores[:, :2] = -np.inf
+            for j, i in enumerate(known):
+                if excl[i]:
+                    scores[j, subj.win_item[i, : subj.win_len[i]]] = -np.inf
+            idx, vals = _top_k(scores, max(ks[i] for i in known))
+            idx, vals, tokens = idx.tolist(), vals.tolist(), self.item_tokens
+            for j, i in enumerate(known.tolist()):
+                items = [{"item": tokens[t], "score": v} for t, v in zip(idx[j][: ks[i]], vals[j][: ks[i]])
+                         if v != -np.inf]
+                out[i] = {"person": subj.keys[i], "source": "model", "n_events": int(subj.n_events[i]), "items": items}
+        for i in np.flatnonzero(~subj.known).tolist():
+            out[i] = {"person": subj.keys[i], "source": "popularity", "n_events": 0,
+                      "items": [dict(x) for x in self._item_pop_answer[: ks[i]]]}
+        return out
+
+    # ------------------------------------------------------------------ the whole population
+    def _population(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user vectors [P, U], unit vectors [P, U], known [P] bool) of every row; call with self._lock held.
+        Views of the state arrays, or, with recompute=True, recomputed from every known person's window."""
+        st = self.states
+        P = st.size
+        known = st.n_events[:P] > 0
+        if not self.recompute:
+            return st.user[:P], st.unit[:P], known
+        users = np.zeros((P, st.user_dim), np.float32)
+        rows = np.flatnonzero(known)
+        for lo in range(0, len(rows), 512):
+            r = rows[lo:lo + 512]
+            users[r] = self._run_windows(st.window[r], np.minimum(st.n_events[r], self.window))[2]
+        return users, users / np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12), known
+
+    # ------------------------------------------------------------------ similar
+    def similar(self, person=None, *, events=None, k: int = 10) -> dict:
+        """The k known persons whose user vectors are closest (cosine) to this person's (the person left out).
+
+        Returns {"person", "source", "n_events", "persons": [{"person", "similarity"}]}; a cold-start person
+        gets the persons closest to the average person ("source": "popularity")."""
+        return self.similar_batch(None if person is None else [person], events=None if events is None else [events],
+                                  k=k)[0]
+
+    def similar_batch(self, persons=None, *, events=None, k=10) -> list[dict]:
+        subj = self._subjects(persons, events)
+        n = len(subj.rows)
+        ks = self._ks(k, n)
+        query = subj.user / np.maximum(np.linalg.norm(subj.user, axis=1, keepdims=True), 1e-12)
+        with self._lock:
+            _, unit, known = self._population()
+            cold = ~subj.known
+            if cold.any():  # the persons closest to the average person
+                mean = unit[known].mean(0) if known.any() else np.zeros(unit.shape[1], np.float32)
+                query[cold] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            sims = query @ unit.T                                    # [n, P]
+            sims[:, ~known] = -np.inf                                # persons without events are not candidates
+            own = np.flatnonzero(subj.rows >= 0)
+            sims[own, subj.rows[own]] = -np.inf                      # never the person themself
+            idx, vals = _top_k(sims, max(ks))
+            idx, vals, keys = idx.tolist(), vals.tolist(), self.states.keys
+            out = []
+            for i in range(n):
+                found = [{"person": keys[r], "similarity": v} for r, v in zip(idx[i][: ks[i]], vals[i][: ks[i]])
+                         if v != -np.inf]
+                out.append({"person": subj.keys[i], "source": "model" if subj.known[i] else "popularity",
+                            "n_events": int(subj.n_events[i]), "persons": found})
+        return out
+
+    # ------------------------------------------------------------------ target
+    def target(self, category=None, *, item=None, k: int = 100) -> dict:
+        """The k known persons most likely to respond to an ad for a category (interest probability) or an
+        item (click probability, the item head with the repeat term).
+
+        Returns {"category" or "item", "persons": [{"person", "probability"}]}."""
+        return self.target_batch(None if category is None else [category], items=None if item is None else [item],
+                                 k=k)[0]
+
+    @torch.no_grad()
+    def target_batch(self, categories=None, *, items=None, k=100) -> list[dict]:
+        """Batch form of `target`: categories[i] or items[i] per row (the other None)."""
+        if categories is None and items is None:
+            raise ValueError("give categories or items")
+        n = len(categories) if categories is not None else len(items)
+        cats = self._rows(n, categories, "categories") if categories is not None else [None] * n
+        its = self._rows(n, items, "items") if items is not None else [None] * n
+        ks = self._ks(k, n)
+        cat_rows, item_rows = [], []
+        for i in range(n):
+            if (cats[i] is None) == (its[i] is None):
+                raise ValueError(f"request {i}: give exactly one of category or item")
+            if cats[i] is not None:
+                cat_rows.append((i, self.category_id(cats[i])))
+            else:
+                item_rows.append((i, self.item_id(its[i])))
+        self._sync()
+        with self._lock:
+            st = self.states
+            users, _, known = self._population()
+            scores = np.zeros((n, len(known)), np.float32)
+            user = self._tensor(users)
+            if cat_rows:
+                head = self.model.interest_head
+                ids = torch.as_tensor([c for _, c in cat_rows], device=self.device)
+                logits = torch.nn.functional.linear(user, head.weight[ids], head.bias[ids])   # [P, Q]
+                scores[[i for i, _ in cat_rows]] = torch.sigmoid(logits).T.float().cpu().numpy()
+            if item_rows:
+                ids = torch.as_tensor([j for _, j in item_rows], device=self.device)
+                win_len = np.minimum(st.n_events[: st.size], self.window)
+                logits = self.model.item_logits(user, ids, self._tensor(st.win_item[: st.size], torch.long),
+                                                self._tensor(win_len, torch.long))             # [P, Q]
+                scores[[i for i, _ in item_rows]] = torch.sigmoid(logits).T.float().cpu().numpy()
+            scores[:, ~known] = -np.inf
+            idx, vals = _top_k(scores, max(ks))
+            idx, vals = idx.tolist(), vals.tolist()
+            out = []
+            for i in range(n):
+                head_key = {"category": str(cats[i])} if cats[i] is not None else {"item": str(its[i])}
+                out.append({**head_key, "persons": [{"person": st.keys[r], "probability": v}
+                                                    for r, v in zip(idx[i][: ks[i]], vals[i][: ks[i]])
+                                                    if v != -np.inf]})
+        return out
+
+    # ------------------------------------------------------------------ append
+    def append(self, person, events) -> dict:
+        """Advance the person's state by the new events only and persist them; returns
+        {"person", "appended", "n_events"} once the events are durable."""
+        return self.append_batch([person], [events])[0]
+
+    @torch.no_grad()
+    def append_batch(self, persons: Sequence, events: Sequence) -> list[dict]:
+        """Batch form of `append` (one durable transaction for the whole batch). A person may appear several
+        times; their events are applied in list order. Nothing is applied if any input is invalid."""
+        if len(persons) != len(events):
+            raise ValueError(f"{len(persons)} persons but {len(events)} event lists")
+        keys = [_person_key(p) for p in persons]
+        encoded = [self.encode_events(e) for e in events]
+        for i, e in enumerate(encoded):
+            if not len(e):
+                raise EventError(f"append {i}: no events to append")
+        with self._append_lock:
+            if self.store is None:
+                pending = self._advance(keys, encoded)
+                pending.number_events(self._local_seq + 1)
+                self._local_seq += pending.total
+            else:
+                with self.store.transaction() as db:
+                    with self._lock:
+                        since = self._synced_seq
+                    self._apply_records(self.store.states_since(since, db))   # other processes' appends first
+                    pending = self._advance(keys, encoded)
+                    pending.persist(db)
+                # committed: durable from here on
+            self._publish(pending)
+        return pending.results
+
+    def _advance(self, keys: list[str], encoded: list[EncodedEvents]) -> _PendingAppend:
+        """Compute the new states of the persons in `keys` after their new events (nothing is changed yet)."""
+        W = self.window
+        L, H = self.engine.num_layers, self.engine.hidden_size
+        with self._lock:
+            st = self.states
+            # 1. one row per person (canonical key), their requests in order
+            canon = []
+            for key in keys:
+                r = st.index.get(key)
+                canon.append(st.keys[r] if r is not None else key)
+            groups: dict[str, list[int]] = {}
+            for i, key in enumerate(canon):
+                groups.setdefault(key, []).append(i)
+            people = list(groups)
+            B = len(people)
+            # 2. their current states (zeros for persons seen for the first time)
+            rows = np.asarray([st.index.get(key, -1) for key in people], np.int64)
+            have = np.flatnonzero(rows >= 0)
+            h0 = np.zeros((L, B, H), np.float32)
+            c0 = np.zeros((L, B, H), np.float32)
+            window = np.zeros((B, 4, W), np.int32)
+            n0 = np.zeros(B, np.int64)
+            if len(have):
+                r = rows[have]
+                h0[:, have], c0[:, have] = st.h[r].transpose(1, 0, 2), st.c[r].transpose(1, 0, 2)
+                window[have], n0[have] = st.window[r], st.n_events[r]
+        # 3. the new events as [B, 4, T] ids, then the LSTM over them only (from the stored states)
+        new = [[encoded[i] for i in groups[key]] for key in people]
+        counts = np.asarray([sum(len(e) for e in evs) for evs in new], np.int64)
+        ids = _ids_matrix(new, counts)
+        if self.recompute:  # the stateless baseline keeps no LSTM state
+            h_np, c_np = h0.transpose(1, 0, 2), c0.transpose(1, 0, 2)
+        else:
+            state = (torch.from_numpy(h0).to(self.device), torch.from_numpy(c0).to(self.device))
+            if ids.shape[2] == 1:
+                h, c = self.engine.step([torch.from_numpy(ids[:, j, 0]).to(self.device) for j in range(4)], state)
+            else:
+                h, c = self.engine.run([torch.from_numpy(ids[:, j]).to(self.device) for j in range(4)],
+                                       torch.from_numpy(counts), state)
+            h_np, c_np = h.transpose(0, 1).float().cpu().numpy(), c.transpose(0, 1).float().cpu().numpy()
+        # 4. slide the windows (the last W events, left-aligned) and derive the new user vectors
+        n1 = n0 + counts
+        if ids.shape[2] == 1:  # one event per person: write it after the last one, or shift a full window
+            full = n0 >= W
+            free = np.flatnonzero(~full)
+            window[free, :, n0[free]] = ids[free, :, 0]
+            if full.any():
+                window[full, :, :-1] = window[full, :, 1:]
+                window[full, :, -1] = ids[full, :, 0]
+        else:
+            for b in range(B):
+                valid, k = int(min(n0[b], W)), int(counts[b])
+                if valid + k <= W:
+                    window[b, :, valid:valid + k] = ids[b, :, :k]
+                else:
+                    window[b] = np.concatenate([window[b, :, :valid], ids[b, :, :k]], axis=1)[:, -W:]
+        user = self._user_vectors(h_np[:, -1], window[:, CATEGORY], n1)
+        # one answer per request: the person's event count after that request's events
+        seen = {key: int(n0[b]) for b, key in enumerate(people)}
+        results = []
+        for i, key in enumerate(canon):
+            seen[key] += len(encoded[i])
+            results.append({"person": key, "appended": len(encoded[i]), "n_events": seen[key]})
+        return _PendingAppend(people, new, counts, np.ascontiguousarray(h_np), np.ascontiguousarray(c_np), window, n1,
+                              user, results)
+
+    def _publish(self, p: _PendingAppend) -> None:
+        """Make computed (and, with a store, committed) states visible to readers."""
+        with self._lock:
+            rows = np.asarray([self.states.add(key) for key in p.people], np.int64)
+            # a newer state of the same person pulled from another process meanwhile wins
+            newer = p.last_seq > self.states.last_seq[rows]
+            if newer.any():
+                self.states.set_rows(rows[newer], p.h[newer], p.c[newer], p.window[newer], p.n_events[newer],
+                                     p.last_seq[newer], p.user[newer])
+            if self.store is not None:
+                self._synced_seq = max(self._synced_seq, int(p.last_seq.max(initial=0)))
+
+    # ------------------------------------------------------------------ numpy access
+    def user_vectors(self, persons) -> tuple[np.ndarray, np.ndarray]:
+        """([n, U] user vectors, [n] bool known) of persons (zeros where unknown)."""
+        subj = self._subjects(list(persons), None)
+        return subj.user, subj.known
+
+    def person_state(self, person) -> dict | None:
+        """A copy of a person's state: {"person", "h" [L, H], "c" [L, H], "window" {field: ids}, "n_events",
+        "last_seq"} (numpy arrays, the window's valid events only), or None when the person is unknown."""
+        self._sync()
+        with self._lock:
+            r = self.states.row(_person_key(person))
+            if r is None:
+                return None
+            rec = self.states.record(r)
+        valid = min(rec.n_events, self.window)
+        return {"person": rec.person, "h": rec.h, "c": rec.c, "n_events": rec.n_events, "last_seq": rec.last_seq,
+                "window": {f: rec.window[j, :valid].astype(np.int64) for j, f in enumerate(FIELDS)}}
+
+    def appended_events(self, person) -> list[dict]:
+        """The events appended for a person, oldest first, as stored in the durable log (raw dicts)."""
+        if self.store is None:
+            raise RuntimeError("this session keeps no log (state=':memory:')")
+        with self._lock:
+            key = _person_key(person)
+            r = self.states.row(key)
+            key = self.states.keys[r] if r is not None else key
+        return self.store.events_of(key)
+
+    @property
+    def n_persons(self) -> int:
+        with self._lock:
+            return len(self.states.known_rows())
+
+    def info(self) -> dict:
+        return {"run": str(self.run_dir), "layers": self.layers, "device": str(self.device), "window": self.window,
+                "persons": self.n_persons, "durable": self.store is not None, "recompute": self.recompute,
+                "state": str(self.store.path) if self.store is not None else MEMORY}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

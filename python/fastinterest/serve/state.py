@@ -1,0 +1,295 @@
+"""Per-person sequence state: in memory (numpy) and durable (SQLite in WAL mode).
+
+A person's state is everything needed to answer for them and to absorb their next event in O(1):
+
+    h, c          [num_layers, H] float32   the LSTM state after the person's last event
+    window        [4, W] ids (item, category, action, platform) of the last W events (W = the run's max_len),
+                  left-aligned and in time order; the model's history features (category shares, repeat
+                  counts) read it, and a service without sequence state would recompute from it
+    n_events      events seen so far (the prepared history + everything appended)
+    last_seq      the durable log position of the last event applied (0: none appended)
+
+`PersonStates` holds every person's state in growable numpy arrays (row per person) together with the
+user vector the model derives from it. `StateStore` is the durable copy:
+
+    events(seq, person, timestamp, item, category, action, platform, raw)  append-only log, one row per event
+    states(person, n_events, last_seq, h, c, window)                       latest state per appended-to person
+    meta(key, value)                                                        what run the states belong to
+
+One append is one transaction that writes the new events and the new states together, so the states on
+disk always equal the log replayed; the service acknowledges an append only after COMMIT. With WAL and
+synchronous=NORMAL a committed transaction survives the process being killed (kill -9); with
+synchronous=FULL it also survives a power cut, at the price of an fsync per commit. Several processes
+may share one store (`fastinterest serve --workers N`): writers serialise on SQLite's write lock, and
+each process pulls the states other processes committed (`changed()` + `states_since(seq)`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PersonStates", "StateMismatch", "StateRecord", "StateStore", "run_fingerprint"]
+
+
+class StateMismatch(RuntimeError):
+    """The state store was written for another run (other weights, vocabulary or window)."""
+
+
+@dataclass
+class StateRecord:
+    """One person's state as stored (arrays in their in-memory shapes)."""
+
+    person: str
+    n_events: int
+    last_seq: int
+    h: np.ndarray            # float32 [L, H]
+    c: np.ndarray            # float32 [L, H]
+    window: np.ndarray       # int32 [4, W]: item, category, action, platform ids of the last W events
+
+
+class PersonStates:
+    """Every person's state in memory, one row per person (see the module docstring).
+
+    Persons are string keys; `alias` adds another key for a row (a prepared person's numeric id beside
+    its pseudonym). Not thread-safe by itself: the Session guards it with a lock.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, window: int, user_dim: int, capacity: int = 1024):
+        self.num_layers, self.hidden_size, self.width, self.user_dim = num_layers, hidden_size, window, user_dim
+        self.keys: list[str] = []
+        self.index: dict[str, int] = {}
+        self.size = 0
+        self._alloc(max(16, capacity))
+
+    def _alloc(self, cap: int) -> None:
+        L, H, W, U = self.num_layers, self.hidden_size, self.width, self.user_dim
+        new = {"h": np.zeros((cap, L, H), np.float32), "c": np.zeros((cap, L, H), np.float32),
+               "window": np.zeros((cap, 4, W), np.int32),
+               "n_events": np.zeros(cap, np.int64), "last_seq": np.zeros(cap, np.int64),
+               "user": np.zeros((cap, U), np.float32), "unit": np.zeros((cap, U), np.float32)}
+        for name, arr in new.items():
+            old = getattr(self, name, None)
+            if old is not None:
+                arr[: self.size] = old[: self.size]
+            setattr(self, name, arr)
+        self.capacity = cap
+
+    def __len__(self) -> int:
+        return self.size
+
+    def row(self, key) -> int | None:
+        return self.index.get(str(key))
+
+    def add(self, key: str) -> int:
+        """The row of `key`, created (all zeros) when new."""
+        key = str(key)
+        r = self.index.get(key)
+        if r is not None:
+            return r
+        if self.size == self.capacity:
+            self._alloc(self.capacity * 2)
+        r = self.size
+        self.size += 1
+        self.keys.append(key)
+        self.index[key] = r
+        return r
+
+    def alias(self, key: str, row: int) -> None:
+        self.index.setdefault(str(key), row)
+
+    @property
+    def win_item(self) -> np.ndarray:
+        return self.window[:, 0]
+
+    @property
+    def win_category(self) -> np.ndarray:
+        return self.window[:, 1]
+
+    def set_rows(self, rows: np.ndarray, h: np.ndarray, c: np.ndarray, window: np.ndarray, n_events: np.ndarray,
+                 last_seq: np.ndarray, user: np.ndarray) -> None:
+        """Write states ([R, L, H] h and c, [R, 4, W] windows, [R] counters) and their user vectors [R, U]."""
+        rows = np.asarray(rows, np.int64)
+        self.h[rows], self.c[rows], self.window[rows] = h, c, window
+        self.n_events[rows], self.last_seq[rows] = n_events, last_seq
+        self.user[rows] = user
+        norms = np.linalg.norm(user, axis=1, keepdims=True)
+        self.unit[rows] = user / np.maximum(norms, 1e-12)
+
+    def known_rows(self) -> np.ndarray:
+        """Rows of persons with at least one event (the ones `similar` and `target` can return)."""
+        return np.flatnonzero(self.n_events[: self.size] > 0)
+
+    def record(self, row: int) -> StateRecord:
+        return StateRecord(self.keys[row], int(self.n_events[row]), int(self.last_seq[row]), self.h[row].copy(),
+                           self.c[row].copy(), self.window[row].copy())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(run_dir, window: int, prepared_dir=None, recompute: bool = False) -> dict:
+    """What stored states depend on: the weights, the vocabulary, the window, the prepared history, and
+    whether the LSTM state is kept at all (a stateless session stores windows only)."""
+    run_dir = Path(run_dir)
+    fp = {"model": _sha256(run_dir / "model.safetensors"),
+          "vocab": _sha256(run_dir / "vocab.json") if (run_dir / "vocab.json").exists() else None,
+          "window": int(window), "prepared": None, "lstm_state": not recompute}
+    if prepared_dir is not None:
+        events = Path(prepared_dir) / "events.parquet"
+        fp["prepared"] = {"events_bytes": events.stat().st_size if events.exists() else None}
+    return fp
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
+    item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
+    raw TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_person ON events (person, seq);
+CREATE TABLE IF NOT EXISTS states (
+    person TEXT PRIMARY KEY, n_events INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    h BLOB NOT NULL, c BLOB NOT NULL, window BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS states_last_seq ON states (last_seq);
+"""
+
+SYNCHRONOUS = ("normal", "full")
+
+
+class StateStore:
+    """The durable log + state table in one SQLite file (see the module docstring).
+
+    `shape` = (num_layers, H, W) of the states; `fingerprint` (a JSON-able dict) identifies the run the
+    states belong to: opening a store written for another run raises `StateMismatch`.
+    """
+
+    def __init__(self, path, *, shape: tuple[int, int, int], fingerprint: dict, synchronous: str = "normal"):
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shape = tuple(int(x) for x in shape)
+        self._write_lock = threading.Lock()   # one writer transaction at a time in this process
+        self._read_lock = threading.Lock()
+        self._writer = self._connect(synchronous)
+        self._reader = self._connect(synchronous)
+        self._check_meta({"shape": list(self.shape), "run": fingerprint})
+        self._data_version = self._version()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves; the locks above serialise each connection.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60.0)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _check_meta(self, meta: dict) -> None:
+        with self.transaction() as db:
+            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            for key, value in meta.items():
+                text = json.dumps(value, sort_keys=True)
+                if key not in stored:
+                    db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, text))
+                elif stored[key] != text:
+                    raise StateMismatch(
+                        f"{self.path} holds states of another run ({key}: stored {stored[key]}, this run {text}). "
+                        "Serve this run with another state file, or delete that one to start over.")
+
+    # ---- writing
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (the write lock, also against other processes) ... COMMIT, or ROLLBACK on error."""
+        with self._write_lock:
+            db = self._writer
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def insert_events(db: sqlite3.Connection, rows: list[tuple]) -> int:
+        """Append events (person, timestamp, item, category, action, platform, raw_json) inside a
+        transaction; returns the seq of the first one (they are consecutive)."""
+        base = db.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)").fetchone()[0]
+        db.executemany("INSERT INTO events (seq, person, timestamp, item, category, action, platform, raw) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(base + 1 + i, *row) for i, row in enumerate(rows)])
+        return base + 1
+
+    @staticmethod
+    def put_states(db: sqlite3.Connection, records: Iterable[StateRecord]) -> None:
+        db.executemany(
+            "INSERT INTO states (person, n_events, last_seq, h, c, window) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (person) DO UPDATE SET n_events = excluded.n_events, last_seq = excluded.last_seq, "
+            "h = excluded.h, c = excluded.c, window = excluded.window",
+            [(r.person, int(r.n_events), int(r.last_seq), np.ascontiguousarray(r.h, "<f4").tobytes(),
+              np.ascontiguousarray(r.c, "<f4").tobytes(), np.ascontiguousarray(r.window, "<i4").tobytes())
+             for r in records])
+
+    # ---- reading
+    def _decode(self, row) -> StateRecord:
+        L, H, W = self.shape
+        person, n, seq, h, c, window = row
+        return StateRecord(person, int(n), int(seq), np.frombuffer(h, "<f4").reshape(L, H).copy(),
+                           np.frombuffer(c, "<f4").reshape(L, H).copy(),
+                           np.frombuffer(window, "<i4").reshape(4, W).astype(np.int32))
+
+    def states_since(self, seq: int, db: sqlite3.Connection | None = None) -> list[StateRecord]:
+        """States whose last event is after `seq` (all of them for seq=0), oldest first."""
+        query = ("SELECT person, n_events, last_seq, h, c, window FROM states WHERE last_seq > ? "
+                 "ORDER BY last_seq")
+        if db is not None:  # inside a transaction of the caller
+            return [self._decode(r) for r in db.execute(query, (int(seq),))]
+        with self._read_lock:
+            return [self._decode(r) for r in self._reader.execute(query, (int(seq),))]
+
+    def _version(self) -> int:
+        return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed(self) -> bool:
+        """True when another connection (another process, or this store's writer) committed since the
+        last call."""
+        with self._read_lock:
+            v = self._version()
+            if v == self._data_version:
+                return False
+            self._data_version = v
+            return True
+
+    def events_of(self, person: str) -> list[dict]:
+        """The appended events of a person, oldest first (the raw dicts as they were sent)."""
+        with self._read_lock:
+            rows = self._reader.execute("SELECT raw FROM events WHERE person = ? ORDER BY seq", (str(person),))
+            return [json.loads(r[0]) for r in rows]
+
+    def count_events(self) -> int:
+        with self._read_lock:
+            return int(self._reader.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            for conn in (self._reader, self._writer):
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
