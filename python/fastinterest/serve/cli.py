@@ -5,8 +5,6 @@ import argparse
 import os
 import sys
 
-from .app import CONFIG_ENV, ServeConfig
-
 __all__ = ["handler", "register"]
 
 
@@ -45,7 +43,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=handler)
 
 
-def config_from_args(args) -> ServeConfig:
+def config_from_args(args):
+    """The ServeConfig of the parsed arguments (starlette and uvicorn are imported only to serve, so the rest of
+    the `fastinterest` command line works without the `serve` extra)."""
+    from .app import ServeConfig
+
     return ServeConfig(run=args.run, layers=args.layers, backend=args.backend, device=args.device, state=args.state,
                        prepared=args.prepared, synchronous=args.synchronous, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
@@ -53,8 +55,13 @@ def config_from_args(args) -> ServeConfig:
 
 
 def handler(args) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import CONFIG_ENV
+    except ImportError as exc:
+        print(f"fastinterest serve needs the serve extra ({exc}): pip install 'fastinterest[serve]'", file=sys.stderr)
+        return 2
     config = config_from_args(args)
     if args.workers < 1:
         print("fastinterest serve: --workers must be at least 1", file=sys.stderr)

@@ -46,9 +46,9 @@ import json
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Self
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -191,6 +191,11 @@ class Session:
         self.recompute = bool(recompute)
         self.window = int(max_len or self.run.data_params["max_len"])
         self.encoder = EventEncoder(self.run.vocab)
+        for f in FIELDS:  # every id the encoder can produce must have an embedding row
+            rows = getattr(self.model.encoder.embeddings, f).num_embeddings
+            if len(self.run.tokens(f)) > rows:
+                raise ValueError(f"{self.run_dir}: the {f} vocabulary has {len(self.run.tokens(f))} tokens but the "
+                                 f"model's {f} table only {rows} rows (vocab.json does not belong to these weights)")
         self.item_tokens = self.run.tokens("item")
         self.category_tokens = self.run.tokens("category")
         self._category_id = {t: i for i, t in enumerate(self.category_tokens)}
