@@ -13,7 +13,7 @@ import fastinterest.optim as fopt
 from fastinterest import _dispatch
 from fastinterest.ops.embedding import embedding_bag
 
-from conftest import assert_close
+from fi_testing import assert_close
 
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
