@@ -99,7 +99,7 @@ def test_shapes_and_heads(encoder):
     assert user.shape == (5, 16 + SIZES[1]) and logits.shape == (5, SIZES[1])
     assert torch.all(user[2] == 0)  # empty history -> zero user vector
     # the user vector ends with the history's category share
-    share = user[:, 16:]
+    share = user[:, 16:].detach()
     torch.testing.assert_close(share.sum(1), (lengths > 0).float())
     c = ids[1][0, 0]
     assert float(share[0, c]) == pytest.approx(float((ids[1][0] == c).sum()) / 7)

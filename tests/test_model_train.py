@@ -21,7 +21,7 @@ from fastinterest.train.checkpoint import load_tensors
 from test_model import toy_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(embedding_dim=16, hidden_size=32, batch_size=32, negatives=32, lr=1e-2, layers="torch", patience=50)
+SMALL = dict(embedding_dim=16, hidden_size=32, batch_size=32, negatives=32, lr=1e-2, layers="torch_padded", patience=50)
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     bucket: bool = True                 # batch histories of similar length together (less padding)
     warm_start: bool = True             # start the heads from frequency baselines fitted on train (warmstart.py)
+    min_share_gain: float = 20.0        # least |gain| of the history share in the warm-started interest head
     # early stopping and validation
     metric: str = "auc+ndcg@10"         # any key of evaluate_scorer's output, or "a+b" for a sum
     patience: int = 3
@@ -111,30 +112,34 @@ class InterestLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none") + neg_loss
 
     def _dense_item_loss(self, ids, lengths, outputs, negatives):
-        """Sum and count of the next-item loss at every step t < length - 1 (output t predicts item t+1)."""
+        """Sum and count of the next-item loss at every step t < length - 1 (output t predicts item t+1).
+
+        Computed on the whole padded [B, T-1] grid and masked (dense matrix products; gathering only the
+        valid steps with a boolean index was slower on CPU than the wasted padded work)."""
         model = self.model
         items = ids[0]
         B, T = items.shape
         steps = torch.arange(T - 1, device=items.device)
-        valid = steps[None, :] < (lengths.to(items.device)[:, None] - 1)
-        if not valid.any():
+        valid = (steps[None, :] < (lengths.to(items.device)[:, None] - 1)).float()   # [B, T-1]
+        n_valid = int(valid.sum())
+        if n_valid == 0:
             return outputs.new_zeros(()), 0
-        q = model.item_query(outputs[:, :-1][valid])                       # [M, D]
-        pos_items = items[:, 1:][valid]                                     # [M]
+        q = model.item_query(outputs[:, :-1])                               # [B, T-1, D]
+        nxt = items[:, 1:]                                                  # [B, T-1]
         w, b = model.encoder.item_weight, model.item_bias
-        pos = (q * w[pos_items]).sum(-1) + b[pos_items]
-        neg = q @ w[negatives].t() + b[negatives]                           # [M, S]
+        pos = (q * w[nxt]).sum(-1) + b[nxt]                                 # [B, T-1]
+        neg = q @ w[negatives].t() + b[negatives]                           # [B, T-1, S]
         if model.repeat_term:  # occurrences in the prefix 0..t that output t has seen
-            real = items >= 2
-            upto = torch.arange(T, device=items.device)[None, :] <= steps[:, None]          # [T-1, T]
-            same = (items[:, None, :] == items[:, 1:, None]) & real[:, None, :] & upto[None]  # [B, T-1, T]
-            n_pos = same.sum(2)[valid].float()
-            n_neg = ((items[:, :, None] == negatives[None, None, :]) & real[:, :, None]).cumsum(1)[:, :-1]
-            n_neg = n_neg[valid].float()
+            real = (items >= 2)
+            upto = (torch.arange(T, device=items.device)[None, :] <= steps[:, None])          # [T-1, T]
+            same = (items[:, None, :] == nxt[:, :, None]) & real[:, None, :] & upto[None]     # [B, T-1, T]
+            n_pos = same.sum(2).float()
+            n_neg = ((items[:, :, None] == negatives[None, None, :]) & real[:, :, None]).float().cumsum(1)[:, :-1]
             pos = pos + model.repeat_weight * torch.log1p(n_pos)
             neg = neg + model.repeat_weight * torch.log1p(n_neg)
-        hit = pos_items[:, None] == negatives[None, :]
-        return self._bce_pos_neg(pos, neg, hit).sum(), int(valid.sum())
+        hit = nxt[:, :, None] == negatives[None, None, :]
+        per_step = self._bce_pos_neg(pos, neg, hit)                          # [B, T-1]
+        return (per_step * valid).sum(), n_valid
 
     def forward(self, ids, lengths, target_item, target_categories, negatives, dense_rows=None, dense_steps=None,
                 dense_labels=None):
@@ -262,8 +267,13 @@ class Trainer:
         self.model = model
         if cfg.warm_start:
             ws = fit_warm_start(train, sizes[0], sizes[1], seed=cfg.seed)
-            model.warm_start(ws["share_gain"], ws["interest_bias"], ws["repeat_weight"], ws["item_bias"])
-            self.log(f"warm start from the training split: interest = {ws['share_gain']:.2f} * share "
+            # the fitted gain is the calibrated one; a sharper start (|gain| >= min_share_gain) keeps the
+            # learned head closer to the frequency ranking: on Taobao and the synthetic data, 20 scored a
+            # higher interest AUC after training than the fitted 2 and 11. The sign stays the data's.
+            gain = ws["share_gain"]
+            gain = float(np.sign(gain) or 1.0) * max(abs(gain), cfg.min_share_gain)
+            model.warm_start(gain, ws["interest_bias"], ws["repeat_weight"], ws["item_bias"])
+            self.log(f"warm start from the training split: interest = {gain:.2f} (fitted {ws['share_gain']:.2f}) * share "
                      f"{ws['interest_bias']:+.2f}; items: repeat weight {ws['repeat_weight']:.2f}")
         if cfg.pretrained:
             vecs = ckpt.load_tensors(cfg.pretrained)
