@@ -6,6 +6,7 @@
 // on the accumulators in registers: the GEMM and the cell update are one pass.
 // Backward tile: MRB rows x 16 hidden units = MRB x 2 ymm accumulators of dh = dgates(t+1) W_hh,
 // K = 4H along the "bwd" panel; then the BPTT pointwise for those units.
+#define FI_LSTM_ISA avx2
 #include "cpu/lstm_kernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -13,6 +14,7 @@
 
 namespace fi {
 namespace lstm {
+namespace avx2 {
 namespace {
 
 // ---------------------------------------------------------------- vector math
@@ -36,15 +38,60 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// 1 / d for d in [1, inf): rcp (12 bits) + one Newton step (~23 bits); a division costs several
+// times more and five of them per row dominated the gate pointwise.
+inline __m256 recip_ps(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
 inline __m256 sigmoid_ps(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  return recip_ps(_mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
 // tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7)
 inline __m256 tanh_ps(__m256 x) {
   const __m256 two = _mm256_set1_ps(2.0f);
   return _mm256_fmsub_ps(two, sigmoid_ps(_mm256_mul_ps(two, x)), _mm256_set1_ps(1.0f));
+}
+
+// sigmoid of N independent vectors, computed stage by stage across all N so that the out-of-order
+// core sees N independent chains side by side (one chain after another left the FMA units waiting on
+// ~100-cycle dependency chains per gate: the pointwise took as long as the recurrent GEMM).
+template <int N>
+inline void sigmoid_n(__m256* v) {
+  const __m256 hi = _mm256_set1_ps(88.0f), lo = _mm256_set1_ps(-87.0f);
+  __m256 fx[N], r[N], p[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v[i]), lo), hi);
+    fx[i] = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r[i] = _mm256_fnmadd_ps(fx[i], _mm256_set1_ps(0.693359375f), x);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    r[i] = _mm256_fnmadd_ps(fx[i], _mm256_set1_ps(-2.12194440e-4f), r[i]);
+    p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500E-4f), r[i], _mm256_set1_ps(1.3981999507E-3f));
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(8.3334519073E-3f));
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.1665795894E-2f));
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.6666665459E-1f));
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(5.0000001201E-1f));
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) {
+    const __m256 y = _mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), _mm256_add_ps(r[i], _mm256_set1_ps(1.0f)));
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx[i]), _mm256_set1_epi32(127)), 23);
+    v[i] = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));  // 1 + exp(-x)
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) v[i] = recip_ps(v[i]);
 }
 
 inline __m256i tail_mask(int n) {
@@ -135,42 +182,59 @@ inline void fwd_tile_mr(const FwdArgs<float>& a, const TileRows<float>& tr, int6
   for (int r = 0; r < MR; ++r) A[r] = hprev + r * ldst;
   gemm_fwd<MR>(A, a.whh_packed + jb * H * 32, H, acc);
   const GateInput<float>& in = a.in;
-  if (in.x) {
-    for (int r = 0; r < MR; ++r) A[r] = in.x.at(tr.row[r], tr.b[r], tr.t[r]);
+  if (in.x.ptr) {
+    for (int r = 0; r < MR; ++r) A[r] = mat_at(in.x, tr.row[r], tr.b[r], tr.t[r]);
     gemm_fwd<MR>(A, in.wih_packed + jb * in.E * 32, in.E, acc);
   }
   for (int r = 0; r < MR; ++r) {
     const int64_t row = tr.row[r], b = tr.b[r], t = tr.t[r];
-    if (in.xproj) {
-      const float* xr = in.xproj.at(row, b, t) + j0;
+    if (in.xproj.ptr) {
+      const float* xr = mat_at(in.xproj, row, b, t) + j0;
       for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(xr + g * H, full, m));
-    } else if (in.x) {
+    } else if (in.x.ptr) {
       if (in.bias)
         for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(in.bias + g * H + j0, full, m));
+    } else if (a.gbuf) {
+      const float* grow = a.gbuf + tr.p[r] * 4 * H + j0;
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(grow + g * H, full, m));
     } else {
       for (int f = 0; f < in.nfields; ++f) {
-        const float* trow = in.tables[f] + in.id(f, b, t) * 4 * H + j0;
+        const float* trow = in.tables[f] + input_id(in, f, b, t) * 4 * H + j0;
         for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(trow + g * H, full, m));
       }
     }
-    const __m256 ig = sigmoid_ps(acc[r][0]);
-    const __m256 fg = sigmoid_ps(acc[r][1]);
-    const __m256 gg = tanh_ps(acc[r][2]);
-    const __m256 og = sigmoid_ps(acc[r][3]);
-    float* cp = cst + r * ldst + j0;
-    const __m256 c = _mm256_fmadd_ps(fg, _mm256_loadu_ps(cp), _mm256_mul_ps(ig, gg));
-    const __m256 h = _mm256_mul_ps(og, tanh_ps(c));
-    _mm256_storeu_ps(cp, c);
+  }
+  // gates: sigmoid(i, f, o) and tanh(g) = 2 sigmoid(2g) - 1, all 4*MR at once; then c and tanh(c)
+  const __m256 two = _mm256_set1_ps(2.0f), one = _mm256_set1_ps(1.0f);
+  __m256 v[4 * MR];
+  for (int r = 0; r < MR; ++r) {
+    v[4 * r] = acc[r][0];
+    v[4 * r + 1] = acc[r][1];
+    v[4 * r + 2] = _mm256_mul_ps(two, acc[r][2]);
+    v[4 * r + 3] = acc[r][3];
+  }
+  sigmoid_n<4 * MR>(v);
+  __m256 c[MR], tc[MR];
+  for (int r = 0; r < MR; ++r) {
+    v[4 * r + 2] = _mm256_fmsub_ps(two, v[4 * r + 2], one);
+    c[r] = _mm256_fmadd_ps(v[4 * r + 1], _mm256_loadu_ps(cst + r * ldst + j0), _mm256_mul_ps(v[4 * r], v[4 * r + 2]));
+    tc[r] = _mm256_mul_ps(two, c[r]);
+  }
+  sigmoid_n<MR>(tc);
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = tr.row[r], b = tr.b[r], t = tr.t[r];
+    const __m256 h = _mm256_mul_ps(v[4 * r + 3], _mm256_fmsub_ps(two, tc[r], one));
+    _mm256_storeu_ps(cst + r * ldst + j0, c[r]);
     _mm256_storeu_ps(hnext + r * ldst + j0, h);
-    st(a.out.at(row, b, t) + j0, h, full, m);
+    st(mat_at(a.out, row, b, t) + j0, h, full, m);
     if (a.gates_ws) {
       float* gw = a.gates_ws + row * 4 * H + j0;
-      st(gw, ig, full, m);
-      st(gw + H, fg, full, m);
-      st(gw + 2 * H, gg, full, m);
-      st(gw + 3 * H, og, full, m);
+      st(gw, v[4 * r], full, m);
+      st(gw + H, v[4 * r + 1], full, m);
+      st(gw + 2 * H, v[4 * r + 2], full, m);
+      st(gw + 3 * H, v[4 * r + 3], full, m);
     }
-    if (a.c_ws) st(a.c_ws + row * H + j0, c, full, m);
+    if (a.c_ws) st(a.c_ws + row * H + j0, c[r], full, m);
   }
 }
 
@@ -224,6 +288,19 @@ inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, con
     gemm_bwd<MR>(A, a.whh_bwd + jb * H4 * 16, H4, dh);
   }
   const Plan& pl = *a.plan;
+  // tanh(c) of every (row, vector) of the tile at once (see sigmoid_n)
+  __m256 tcs[2 * MR];
+  if (!dh_final) {
+    const __m256 two = _mm256_set1_ps(2.0f), one = _mm256_set1_ps(1.0f);
+    for (int v = 0; v < 2; ++v) {
+      const int nv = std::min(8, nu - 8 * v);
+      for (int r = 0; r < MR; ++r)
+        tcs[v * MR + r] = nv > 0 ? _mm256_mul_ps(two, ld(a.c_ws + cur.row[r] * H + j0 + 8 * v, nv == 8, tail_mask(nv)))
+                                 : _mm256_setzero_ps();
+    }
+    sigmoid_n<2 * MR>(tcs);
+    for (int i = 0; i < 2 * MR; ++i) tcs[i] = _mm256_fmsub_ps(two, tcs[i], one);
+  }
   for (int v = 0; v < 2; ++v) {
     const int nv = std::min(8, nu - 8 * v);
     if (nv <= 0) break;
@@ -239,21 +316,21 @@ inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, con
         continue;
       }
       const int64_t row = cur.row[r], p = cur.p[r];
-      if (a.grad_out) dhv = _mm256_add_ps(dhv, ld(a.grad_out.at(row, b, cur.t[r]) + ju, full, m));
+      if (a.grad_out.ptr) dhv = _mm256_add_ps(dhv, ld(mat_at(a.grad_out, row, b, cur.t[r]) + ju, full, m));
       const float* gw = a.gates_ws + row * H4 + ju;
       const __m256 ig = ld(gw, full, m), fg = ld(gw + H, full, m), gg = ld(gw + 2 * H, full, m),
                    og = ld(gw + 3 * H, full, m);
-      const __m256 tc = tanh_ps(ld(a.c_ws + row * H + ju, full, m));
+      const __m256 tc = tcs[v * MR + r];
       const __m256 one = _mm256_set1_ps(1.0f);
       float* dcp = dc + r * ldst + ju;  // dense carry [positions, ldst]
       const __m256 dcv = _mm256_fmadd_ps(_mm256_mul_ps(dhv, og), _mm256_fnmadd_ps(tc, tc, one), _mm256_loadu_ps(dcp));
       __m256 cprev = _mm256_setzero_ps(), hprev = _mm256_setzero_ps();
       if (s > 0) {
-        const int64_t tp = pl.time_of(s - 1, p, a.reverse);
+        const int64_t tp = time_of(pl, s - 1, p, a.reverse);
         const int64_t prow = pl.offsets[tp] + p;
         cprev = ld(a.c_ws + prow * H + ju, full, m);
         if (a.hprev) {
-          hprev = ld(a.out.at(prow, b, tp) + ju, full, m);
+          hprev = ld(mat_at(a.out, prow, b, tp) + ju, full, m);
         }
       } else {
         if (a.c0) cprev = ld(a.c0 + b * H + ju, full, m);
@@ -319,11 +396,12 @@ struct Avx2Policy {
 };
 
 }  // namespace
+}  // namespace avx2
 
 bool avx2_compiled() { return true; }
-void forward_avx2(FwdArgs<float>& a) { forward_driver<Avx2Policy, float>(a); }
-void backward_avx2(BwdArgs<float>& a) { backward_driver<Avx2Policy, float>(a); }
-void projection_avx2(ProjArgs<float>& a) { projection_driver<Avx2Policy, float>(a); }
+void forward_avx2(FwdArgs<float>& a) { avx2::forward_driver<avx2::Avx2Policy, float>(a); }
+void backward_avx2(BwdArgs<float>& a) { avx2::backward_driver<avx2::Avx2Policy, float>(a); }
+void projection_avx2(ProjArgs<float>& a) { avx2::projection_driver<avx2::Avx2Policy, float>(a); }
 
 }  // namespace lstm
 }  // namespace fi

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#define FI_LSTM_ISA generic
 #include "cpu/lstm_kernels.h"
 #include "cpu/registry.h"
 #include "cpu/simd.h"
@@ -27,6 +28,7 @@ namespace py = pybind11;
 namespace fi {
 namespace lstm {
 namespace {
+using namespace ::fi::lstm::generic;
 
 // ---------------------------------------------------------------- portable tiles (float, double)
 template <typename T>
@@ -55,12 +57,12 @@ struct GenericPolicy {
     const GateInput<T>& in = a.in;
     for (int r = 0; r < mr; ++r) {
       const int64_t row = tr.row[r], b = tr.b[r], t = tr.t[r];
-      if (in.xproj) {
-        const T* xr = in.xproj.at(row, b, t);
+      if (in.xproj.ptr) {
+        const T* xr = mat_at(in.xproj, row, b, t);
         for (int g = 0; g < 4; ++g)
           for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += xr[g * H + j0 + u];
-      } else if (in.x) {
-        const T* xr = in.x.at(row, b, t);
+      } else if (in.x.ptr) {
+        const T* xr = mat_at(in.x, row, b, t);
         const T* pw = in.wih_packed + jb * in.E * 32;
         for (int64_t k = 0; k < in.E; ++k) {
           const T xv = xr[k];
@@ -69,14 +71,18 @@ struct GenericPolicy {
         if (in.bias)
           for (int g = 0; g < 4; ++g)
             for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += in.bias[g * H + j0 + u];
+      } else if (a.gbuf) {
+        const T* grow = a.gbuf + tr.p[r] * 4 * H;
+        for (int g = 0; g < 4; ++g)
+          for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += grow[g * H + j0 + u];
       } else {
         for (int f = 0; f < in.nfields; ++f) {
-          const T* tr_ = in.tables[f] + in.id(f, b, t) * 4 * H;
+          const T* tr_ = in.tables[f] + input_id(in, f, b, t) * 4 * H;
           for (int g = 0; g < 4; ++g)
             for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += tr_[g * H + j0 + u];
         }
       }
-      T* orow = a.out.at(row, b, t);
+      T* orow = mat_at(a.out, row, b, t);
       for (int u = 0; u < nu; ++u) {
         const T ig = sigm(acc[r][u]), fg = sigm(acc[r][8 + u]), gg = std::tanh(acc[r][16 + u]),
                 og = sigm(acc[r][24 + u]);
@@ -141,16 +147,16 @@ struct GenericPolicy {
     const Plan& pl = *a.plan;
     for (int r = 0; r < mr; ++r) {
       const int64_t row = cur.row[r], b = cur.b[r], p = cur.p[r];
-      const T* go = a.grad_out ? a.grad_out.at(row, b, cur.t[r]) + j0 : nullptr;
+      const T* go = a.grad_out.ptr ? mat_at(a.grad_out, row, b, cur.t[r]) + j0 : nullptr;
       const T* gw = a.gates_ws + row * H4 + j0;
       const T* cw = a.c_ws + row * H + j0;
       const T* cprev = nullptr;
       const T* hprev = nullptr;
       if (s > 0) {
-        const int64_t tp = pl.time_of(s - 1, p, a.reverse);
+        const int64_t tp = time_of(pl, s - 1, p, a.reverse);
         const int64_t prow = pl.offsets[tp] + p;
         cprev = a.c_ws + prow * H + j0;
-        hprev = a.out.at(prow, b, tp) + j0;
+        hprev = mat_at(a.out, prow, b, tp) + j0;
       } else {
         cprev = a.c0 ? a.c0 + b * H + j0 : nullptr;
         hprev = a.h0 ? a.h0 + b * H + j0 : nullptr;
@@ -225,20 +231,26 @@ void check_dtype(int dtype) {
 }
 
 // lengths [B] int64 (batch order), perm [B], batch_sizes [T], offsets [T+1] as written by lstm_plan.
-Plan make_plan(const PlanDesc& d) {
+// The plan's sorted lengths live in `Ls` (owned here, in the generic TU).
+struct PlanOwner {
   Plan pl;
-  const int64_t* lengths = ptr<const int64_t>(std::get<0>(d));
-  pl.perm = ptr<const int64_t>(std::get<1>(d));
-  pl.batch_sizes = ptr<const int64_t>(std::get<2>(d));
-  pl.offsets = ptr<const int64_t>(std::get<3>(d));
-  pl.B = std::get<4>(d);
-  pl.T = std::get<5>(d);
-  pl.Ls.resize(static_cast<size_t>(pl.B));
-  for (int64_t p = 0; p < pl.B; ++p) pl.Ls[p] = lengths[pl.perm[p]];
-  pl.maxlen = pl.B > 0 ? pl.Ls[0] : 0;
-  pl.N = pl.offsets[pl.T];
-  return pl;
-}
+  std::vector<int64_t> Ls;
+  explicit PlanOwner(const PlanDesc& d) {
+    const int64_t* lengths = ptr<const int64_t>(std::get<0>(d));
+    pl.perm = ptr<const int64_t>(std::get<1>(d));
+    pl.batch_sizes = ptr<const int64_t>(std::get<2>(d));
+    pl.offsets = ptr<const int64_t>(std::get<3>(d));
+    pl.B = std::get<4>(d);
+    pl.T = std::get<5>(d);
+    Ls.resize(static_cast<size_t>(pl.B));
+    for (int64_t p = 0; p < pl.B; ++p) Ls[p] = lengths[pl.perm[p]];
+    pl.Ls = Ls.data();
+    pl.maxlen = pl.B > 0 ? Ls[0] : 0;
+    pl.N = pl.offsets[pl.T];
+  }
+  PlanOwner(const PlanOwner&) = delete;
+  PlanOwner& operator=(const PlanOwner&) = delete;
+};
 
 // Builds the plan; validates lengths. Returns (N, maxlen).
 std::pair<int64_t, int64_t> build_plan(const int64_t* lengths, int64_t B, int64_t T, int64_t* perm,
@@ -335,14 +347,18 @@ void fill_input(GateInput<T>& in, const std::optional<MatDesc>& xproj, const std
     in.wih_packed = ptr<const T>(wih_packed);
     in.bias = bias ? ptr<const T>(bias) : nullptr;
   }
+  if (tables.size() > static_cast<size_t>(kMaxFields))
+    throw std::invalid_argument("fastinterest lstm (cpu): at most " + std::to_string(kMaxFields) +
+                                " id fields, got " + std::to_string(tables.size()));
   in.nfields = static_cast<int>(tables.size());
-  for (const auto& td : tables) {
-    in.tables.push_back(ptr<const T>(std::get<0>(td)));
-    in.vocab.push_back(std::get<1>(td));
-    in.ids.push_back(reinterpret_cast<const void*>(std::get<2>(td)));
-    in.ids64.push_back(std::get<3>(td) ? 1 : 0);
-    in.ids_sb.push_back(std::get<4>(td));
-    in.ids_st.push_back(std::get<5>(td));
+  for (int f = 0; f < in.nfields; ++f) {
+    const auto& td = tables[f];
+    in.tables[f] = ptr<const T>(std::get<0>(td));
+    in.vocab[f] = std::get<1>(td);
+    in.ids[f] = reinterpret_cast<const void*>(std::get<2>(td));
+    in.ids64[f] = std::get<3>(td) ? 1 : 0;
+    in.ids_sb[f] = std::get<4>(td);
+    in.ids_st[f] = std::get<5>(td);
   }
   // Validate every id that will be read (valid steps only): out of range -> IndexError.
   if (plan && in.nfields) {
@@ -350,7 +366,7 @@ void fill_input(GateInput<T>& in, const std::optional<MatDesc>& xproj, const std
       for (int64_t p = 0; p < plan->B; ++p) {
         const int64_t b = plan->perm[p];
         for (int64_t t = 0; t < plan->Ls[p]; ++t) {
-          const int64_t id = in.id(f, b, t);
+          const int64_t id = input_id(in, f, b, t);
           if (id < 0 || id >= in.vocab[f])
             throw std::out_of_range("fastinterest lstm: index " + std::to_string(id) + " at [" + std::to_string(b) +
                                     ", " + std::to_string(t) + "] of id field " + std::to_string(f) +
@@ -367,9 +383,12 @@ void forward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d,
                   const std::vector<TableDesc>& tables, std::uintptr_t whh_packed, std::uintptr_t h0,
                   std::uintptr_t c0, const MatDesc& out, bool zero_padding, std::uintptr_t gates_ws,
                   std::uintptr_t c_ws, std::uintptr_t h_n, std::uintptr_t c_n) {
-  Plan pl = make_plan(plan_d);
+  PlanOwner po(plan_d);
+  Plan& pl = po.pl;
+  std::vector<T> scratch(static_cast<size_t>(fwd_scratch_numel(pl.B, H)));
   FwdArgs<T> a;
   a.plan = &pl;
+  a.scratch = scratch.data();
   a.H = H;
   a.reverse = reverse;
   a.nthreads = std::max(1, nthreads);
@@ -392,9 +411,12 @@ void backward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d
                    std::uintptr_t grad_hn, std::uintptr_t grad_cn, std::uintptr_t gates_ws, std::uintptr_t c_ws,
                    const MatDesc& out, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t whh_bwd,
                    std::uintptr_t dgates, std::uintptr_t hprev, std::uintptr_t dh0, std::uintptr_t dc0) {
-  Plan pl = make_plan(plan_d);
+  PlanOwner po(plan_d);
+  Plan& pl = po.pl;
+  std::vector<T> scratch(static_cast<size_t>(bwd_scratch_numel(pl.B, H)));
   BwdArgs<T> a;
   a.plan = &pl;
+  a.scratch = scratch.data();
   a.H = H;
   a.reverse = reverse;
   a.nthreads = std::max(1, nthreads);
@@ -445,11 +467,13 @@ void step_impl(int nthreads, int64_t B, int64_t H, const std::optional<MatDesc>&
   pl.perm = perm.data();
   pl.batch_sizes = bs;
   pl.offsets = offs;
-  pl.Ls = lengths;
+  pl.Ls = lengths.data();
+  std::vector<T> scratch(static_cast<size_t>(fwd_scratch_numel(B, H)));
   std::vector<FwdArgs<T>> args(L);
   for (size_t l = 0; l < L; ++l) {
     FwdArgs<T>& a = args[l];
     a.plan = &pl;
+    a.scratch = scratch.data();
     a.H = H;
     a.nthreads = std::max(1, nthreads);
     if (l == 0) {
@@ -596,11 +620,14 @@ or 0, h_in/c_in [B, H] before the step, h_out/c_out [B, H] after (distinct from 
         [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d, const MatDesc& x, int64_t E,
            std::uintptr_t wih_packed, std::uintptr_t bias, std::uintptr_t out, int64_t ldo) {
           check_dtype(dtype);
-          Plan pl = make_plan(plan_d);
+          PlanOwner po(plan_d);
+          Plan& pl = po.pl;
+          std::vector<int64_t> scratch(static_cast<size_t>(2 * std::max<int64_t>(pl.N, 1)));
           auto run = [&](auto tag) {
             using T = decltype(tag);
             ProjArgs<T> a;
             a.plan = &pl;
+            a.scratch = scratch.data();
             a.H = H;
             a.E = E;
             a.reverse = reverse;

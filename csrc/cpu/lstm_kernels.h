@@ -20,7 +20,17 @@
 //     numel = ceil(H/8) * K * 32.
 //   "bwd" panels, for W_hh [4H, H]: unit blocks of 16; panel jb is [4H][16] with column u =
 //     W_hh[k][16*jb + u] (0 for units >= H). numel = ceil(H/16) * 4H * 16.
+//
+// ISA safety: this header is compiled into the generic TU and into the -mavx2 TU. Everything with
+// code in it lives in namespace fi::lstm::FI_LSTM_ISA (a different name per TU), and the argument
+// blocks shared between the TUs are plain data (no member functions, no std containers), so the linker
+// can never fold an AVX2-compiled copy of shared inline code into the generic path (which would fault
+// on pre-AVX2 CPUs). Scratch memory is allocated by the generic TU and passed in.
 #pragma once
+
+#ifndef FI_LSTM_ISA
+#define FI_LSTM_ISA generic
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -56,10 +66,6 @@ struct RowMat {
   T* ptr = nullptr;
   int64_t ld = 0, sb = 0, st = 0;
   bool padded = false;
-  inline T* at(int64_t row, int64_t b, int64_t t) const {
-    return padded ? ptr + b * sb + t * st : ptr + row * ld;
-  }
-  explicit operator bool() const { return ptr != nullptr; }
 };
 
 // Length plan, shared by every layer and direction of one call.
@@ -68,12 +74,10 @@ struct Plan {
   const int64_t* perm = nullptr;         // [B] position -> batch row
   const int64_t* batch_sizes = nullptr;  // [T] (entries >= maxlen are 0)
   const int64_t* offsets = nullptr;      // [T+1] exclusive prefix sums of batch_sizes
-  std::vector<int64_t> Ls;               // [B] length at each position (descending)
-  inline int64_t time_of(int64_t s, int64_t p, bool reverse) const { return reverse ? Ls[p] - 1 - s : s; }
-  inline int64_t row(int64_t s, int64_t p, bool reverse) const {
-    return offsets[time_of(s, p, reverse)] + p;
-  }
+  const int64_t* Ls = nullptr;           // [B] length at each position (descending)
 };
+
+constexpr int kMaxFields = 16;
 
 // Input to the gates of one direction, one of three modes (summed into the gate pre-activations):
 //   xproj:  rows of x W_ih^T + b_ih + b_hh, [*, 4H] (packed rows or padded), or
@@ -88,15 +92,11 @@ struct GateInput {
   const T* wih_packed = nullptr;
   const T* bias = nullptr;
   int nfields = 0;
-  std::vector<const T*> tables;
-  std::vector<int64_t> vocab;
-  std::vector<const void*> ids;       // int32 or int64, padded [B, T] with strides below
-  std::vector<int> ids64;
-  std::vector<int64_t> ids_sb, ids_st;
-  inline int64_t id(int f, int64_t b, int64_t t) const {
-    int64_t off = b * ids_sb[f] + t * ids_st[f];
-    return ids64[f] ? static_cast<const int64_t*>(ids[f])[off] : static_cast<const int32_t*>(ids[f])[off];
-  }
+  const T* tables[kMaxFields] = {};
+  int64_t vocab[kMaxFields] = {};
+  const void* ids[kMaxFields] = {};   // int32 or int64, padded [B, T] with strides below
+  int ids64[kMaxFields] = {};
+  int64_t ids_sb[kMaxFields] = {}, ids_st[kMaxFields] = {};
 };
 
 template <typename T>
@@ -115,6 +115,8 @@ struct FwdArgs {
   T* c_ws = nullptr;               // [N, H] packed rows: c after each step (training), or null
   T* h_n = nullptr;                // [B, H] batch order: h at each sequence's last step (h0 for L = 0)
   T* c_n = nullptr;                // [B, H] batch order
+  T* scratch = nullptr;            // fwd_scratch_numel(B, H): h double buffer, c, table gather, from the caller
+  T* gbuf = nullptr;               // set by the driver: [B, 4H] summed table rows of the current step
 };
 
 template <typename T>
@@ -136,7 +138,40 @@ struct BwdArgs {
   T* hprev = nullptr;              // [N, H] packed rows: h entering each step (for dW_hh), or null
   T* dh0 = nullptr;                // [B, H] batch order, or null
   T* dc0 = nullptr;                // [B, H] batch order, or null
+  T* scratch = nullptr;            // [max(B, 1), ceil16(H)] (dL/dc carry), from the caller
 };
+
+template <typename T>
+struct ProjArgs {
+  Plan* plan = nullptr;
+  int64_t H = 0, E = 0;
+  bool reverse = false;
+  int nthreads = 1;
+  RowMat<const T> x;
+  const T* wih_packed = nullptr;
+  const T* bias = nullptr;
+  T* out = nullptr;
+  int64_t ldo = 0;
+  int64_t* scratch = nullptr;      // [2, N] (batch row and time of each packed row), from the caller
+};
+
+inline int64_t fwd_scratch_numel(int64_t B, int64_t H) {
+  return std::max<int64_t>(B, 1) * (3 * ceil_div(H, 8) * 8 + 4 * H);
+}
+inline int64_t bwd_scratch_numel(int64_t B, int64_t H) { return std::max<int64_t>(B, 1) * ceil_div(H, 16) * 16; }
+
+namespace FI_LSTM_ISA {
+
+template <typename T>
+inline T* mat_at(const RowMat<T>& m, int64_t row, int64_t b, int64_t t) {
+  return m.padded ? m.ptr + b * m.sb + t * m.st : m.ptr + row * m.ld;
+}
+inline int64_t time_of(const Plan& pl, int64_t s, int64_t p, bool reverse) { return reverse ? pl.Ls[p] - 1 - s : s; }
+template <typename T>
+inline int64_t input_id(const GateInput<T>& in, int f, int64_t b, int64_t t) {
+  const int64_t off = b * in.ids_sb[f] + t * in.ids_st[f];
+  return in.ids64[f] ? static_cast<const int64_t*>(in.ids[f])[off] : static_cast<const int32_t*>(in.ids[f])[off];
+}
 
 // ---------------------------------------------------------------- thread helpers
 template <typename F>
@@ -182,13 +217,15 @@ void forward_driver(FwdArgs<T>& a) {
   const int64_t H = a.H, B = pl.B;
   const int64_t ldst = ceil_div(H, 8) * 8;
   const int64_t nb = ceil_div(H, 8);
-  std::vector<T> hA(static_cast<size_t>(std::max<int64_t>(B, 1) * ldst), T(0));
-  std::vector<T> hB(hA.size(), T(0));
-  std::vector<T> cS(hA.size(), T(0));
+  const int64_t plane = std::max<int64_t>(B, 1) * ldst;
+  T* const hA = a.scratch;
+  T* const hB = a.scratch + plane;
+  T* const cS = a.scratch + 2 * plane;
+  std::memset(a.scratch, 0, sizeof(T) * 3 * plane);
   for (int64_t p = 0; p < B; ++p) {
     const int64_t b = pl.perm[p];
-    if (a.h0) std::memcpy(&hA[p * ldst], a.h0 + b * H, sizeof(T) * H);
-    if (a.c0) std::memcpy(&cS[p * ldst], a.c0 + b * H, sizeof(T) * H);
+    if (a.h0) std::memcpy(hA + p * ldst, a.h0 + b * H, sizeof(T) * H);
+    if (a.c0) std::memcpy(cS + p * ldst, a.c0 + b * H, sizeof(T) * H);
   }
   // Threads: with enough rows, each thread owns fixed row tiles (tile k -> thread k % nthr) for the
   // whole sequence. A position's recurrence reads only its own rows, so no synchronisation is needed
@@ -200,26 +237,58 @@ void forward_driver(FwdArgs<T>& a) {
   int nthreads = 1;
   if (row_split) nthreads = a.nthreads;
   else if (n0 * H * 4 * H >= kUnitSplitMinMacs) nthreads = static_cast<int>(std::min<int64_t>(a.nthreads, nb));
+  // Projected-table input: each thread first gathers (and sums over fields) the 4H-wide table rows of
+  // its own positions for the step into gbuf, reading each 2 KB row once and sequentially, and
+  // prefetches the next step's rows; the tiles then read gbuf. Read directly by the tiles instead,
+  // each row was touched in ceil(H/8) scattered 128-byte pieces (nearly all DRAM misses).
+  const GateInput<T>& in = a.in;
+  const bool gather = in.nfields > 0 && (row_split || nthreads == 1);
+  a.gbuf = gather ? a.scratch + 3 * plane : nullptr;
+  const int64_t H4 = 4 * H;
   parallel(nthreads, [&](int tid, int nthr) {
-    T* hp = hA.data();
-    T* hn = hB.data();
+    T* hp = hA;
+    T* hn = hB;
     const int64_t jb0 = row_split ? 0 : nb * tid / nthr, jb1 = row_split ? nb : nb * (tid + 1) / nthr;
     const int64_t kstep = row_split ? nthr : 1, k0 = row_split ? tid : 0;
     for (int64_t s = 0; s < pl.maxlen; ++s) {
       const int64_t n = pl.batch_sizes[s];
-      for (int64_t jb = jb0; jb < jb1; ++jb) {
+      if (gather) {
+        const int64_t n1 = s + 1 < pl.maxlen ? pl.batch_sizes[s + 1] : 0;
         for (int64_t p0 = k0 * P::MR; p0 < n; p0 += kstep * P::MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(P::MR, n - p0));
-          TileRows<T> tr;
-          for (int r = 0; r < mr; ++r) {
-            const int64_t p = p0 + r;
-            tr.p[r] = p;
-            tr.t[r] = pl.time_of(s, p, a.reverse);
-            tr.row[r] = pl.offsets[tr.t[r]] + p;
-            tr.b[r] = pl.perm[p];
+          const int64_t pe = std::min<int64_t>(p0 + P::MR, n);
+          for (int64_t p = p0; p < pe; ++p) {
+            const int64_t b = pl.perm[p], t = time_of(pl, s, p, a.reverse);
+            T* dst = a.gbuf + p * H4;
+            std::memcpy(dst, in.tables[0] + input_id(in, 0, b, t) * H4, sizeof(T) * H4);
+            for (int f = 1; f < in.nfields; ++f) {
+              const T* src = in.tables[f] + input_id(in, f, b, t) * H4;
+              for (int64_t j = 0; j < H4; ++j) dst[j] += src[j];
+            }
+            if (p < n1) {  // next step's rows of this position
+              const int64_t t1 = time_of(pl, s + 1, p, a.reverse);
+              for (int f = 0; f < in.nfields; ++f) {
+                const char* nx = reinterpret_cast<const char*>(in.tables[f] + input_id(in, f, b, t1) * H4);
+                for (int64_t c = 0; c < static_cast<int64_t>(sizeof(T)) * H4; c += 64) __builtin_prefetch(nx + c);
+              }
+            }
           }
-          P::fwd_tile(a, tr, mr, jb, hp + p0 * ldst, hn + p0 * ldst, cS.data() + p0 * ldst, ldst);
         }
+      }
+      // Row tiles outer, unit blocks inner: a tile's h rows and input rows stay in L1 while the W_hh
+      // panels stream from L2 (the other order cycled panels, state and input rows through L2 once
+      // per unit block and scaled poorly across cores).
+      for (int64_t p0 = k0 * P::MR; p0 < n; p0 += kstep * P::MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(P::MR, n - p0));
+        TileRows<T> tr;
+        for (int r = 0; r < mr; ++r) {
+          const int64_t p = p0 + r;
+          tr.p[r] = p;
+          tr.t[r] = time_of(pl, s, p, a.reverse);
+          tr.row[r] = pl.offsets[tr.t[r]] + p;
+          tr.b[r] = pl.perm[p];
+        }
+        for (int64_t jb = jb0; jb < jb1; ++jb)
+          P::fwd_tile(a, tr, mr, jb, hp + p0 * ldst, hn + p0 * ldst, cS + p0 * ldst, ldst);
       }
       std::swap(hp, hn);
       if (!row_split) barrier(nthr);
@@ -231,23 +300,23 @@ void forward_driver(FwdArgs<T>& a) {
     if (a.h_n) {
       if (L == 0) {
         if (a.h0) std::memcpy(a.h_n + b * H, a.h0 + b * H, sizeof(T) * H);
-        else std::fill(a.h_n + b * H, a.h_n + (b + 1) * H, T(0));
+        else std::memset(a.h_n + b * H, 0, sizeof(T) * H);
       } else {
         const int64_t s = L - 1;
-        const int64_t t = pl.time_of(s, p, a.reverse);
-        std::memcpy(a.h_n + b * H, a.out.at(pl.offsets[t] + p, b, t), sizeof(T) * H);
+        const int64_t t = time_of(pl, s, p, a.reverse);
+        std::memcpy(a.h_n + b * H, mat_at(a.out, pl.offsets[t] + p, b, t), sizeof(T) * H);
       }
     }
     if (a.c_n) {
       if (L == 0) {
         if (a.c0) std::memcpy(a.c_n + b * H, a.c0 + b * H, sizeof(T) * H);
-        else std::fill(a.c_n + b * H, a.c_n + (b + 1) * H, T(0));
+        else std::memset(a.c_n + b * H, 0, sizeof(T) * H);
       } else {
-        std::memcpy(a.c_n + b * H, &cS[p * ldst], sizeof(T) * H);
+        std::memcpy(a.c_n + b * H, cS + p * ldst, sizeof(T) * H);
       }
     }
     if (a.zero_padding && a.out.padded) {
-      for (int64_t t = L; t < pl.T; ++t) std::fill(a.out.at(0, b, t), a.out.at(0, b, t) + H, T(0));
+      for (int64_t t = L; t < pl.T; ++t) std::memset(mat_at(a.out, 0, b, t), 0, sizeof(T) * H);
     }
   }
 }
@@ -266,10 +335,11 @@ void backward_driver(BwdArgs<T>& a) {
   const int64_t H = a.H, B = pl.B;
   const int64_t nb = ceil_div(H, 16);
   const int64_t ldst = nb * 16;
-  std::vector<T> dc(static_cast<size_t>(std::max<int64_t>(B, 1) * ldst), T(0));
+  T* const dc = a.scratch;
+  std::memset(dc, 0, sizeof(T) * std::max<int64_t>(B, 1) * ldst);
   // Initial carries for every position: dL/dc_n (dh_n is added when the sequence becomes active).
   for (int64_t p = 0; p < B; ++p) {
-    if (a.grad_cn) std::memcpy(&dc[p * ldst], a.grad_cn + pl.perm[p] * H, sizeof(T) * H);
+    if (a.grad_cn) std::memcpy(dc + p * ldst, a.grad_cn + pl.perm[p] * H, sizeof(T) * H);
   }
   // Threads as in forward_driver: fixed row tiles of MRB positions per thread (no barriers), or the
   // hidden units split with a barrier per step for tiny batches.
@@ -287,8 +357,8 @@ void backward_driver(BwdArgs<T>& a) {
       if (s < 0 && !a.dh0) break;
       const int64_t n = s >= 0 ? pl.batch_sizes[s] : pl.batch_sizes[0];
       const int64_t n_next = (s + 1 < pl.maxlen) ? pl.batch_sizes[s + 1] : 0;
-      for (int64_t jb = jb0; jb < jb1; ++jb) {
-        for (int64_t t0 = k0 * P::MRB; t0 < n; t0 += kstep * P::MRB) {
+      for (int64_t t0 = k0 * P::MRB; t0 < n; t0 += kstep * P::MRB) {
+        for (int64_t jb = jb0; jb < jb1; ++jb) {
           // A fixed tile [t0, t0 + MRB) is cut at n_next: rows below it take the recurrent GEMM,
           // rows at or above it start here (their carry is dL/dh_n, dL/dc_n).
           const int64_t tend = std::min<int64_t>(t0 + P::MRB, n);
@@ -303,15 +373,15 @@ void backward_driver(BwdArgs<T>& a) {
               cur.p[r] = nxt.p[r] = p;
               cur.b[r] = nxt.b[r] = pl.perm[p];
               if (s >= 0) {
-                cur.t[r] = pl.time_of(s, p, a.reverse);
+                cur.t[r] = time_of(pl, s, p, a.reverse);
                 cur.row[r] = pl.offsets[cur.t[r]] + p;
               }
               if (use_gemm) {
-                nxt.t[r] = pl.time_of(s + 1, p, a.reverse);
+                nxt.t[r] = time_of(pl, s + 1, p, a.reverse);
                 nxt.row[r] = pl.offsets[nxt.t[r]] + p;
               }
             }
-            P::bwd_tile(a, cur, nxt, mr, jb, use_gemm, s, dc.data() + p0 * ldst, ldst, s < 0 ? a.dh0 : nullptr);
+            P::bwd_tile(a, cur, nxt, mr, jb, use_gemm, s, dc + p0 * ldst, ldst, s < 0 ? a.dh0 : nullptr);
             p0 += mr;
           }
         }
@@ -321,10 +391,10 @@ void backward_driver(BwdArgs<T>& a) {
   });
   for (int64_t p = 0; p < B; ++p) {
     const int64_t b = pl.perm[p];
-    if (a.dc0) std::memcpy(a.dc0 + b * H, &dc[p * ldst], sizeof(T) * H);
+    if (a.dc0) std::memcpy(a.dc0 + b * H, dc + p * ldst, sizeof(T) * H);
     if (a.dh0 && pl.Ls[p] == 0) {
       if (a.grad_hn) std::memcpy(a.dh0 + b * H, a.grad_hn + b * H, sizeof(T) * H);
-      else std::fill(a.dh0 + b * H, a.dh0 + (b + 1) * H, T(0));
+      else std::memset(a.dh0 + b * H, 0, sizeof(T) * H);
     }
   }
 }
@@ -334,18 +404,6 @@ void backward_driver(BwdArgs<T>& a) {
 // packed or padded (RowMat), W_ih as "fwd" panels (K = E). For tiny batches, where the recurrence
 // would otherwise apply W_ih one row at a time (a GEMV), this runs it as a register-blocked GEMM over
 // all N rows first. Rows are split across threads (no synchronisation).
-template <typename T>
-struct ProjArgs {
-  Plan* plan = nullptr;
-  int64_t H = 0, E = 0;
-  bool reverse = false;
-  int nthreads = 1;
-  RowMat<const T> x;
-  const T* wih_packed = nullptr;
-  const T* bias = nullptr;
-  T* out = nullptr;
-  int64_t ldo = 0;
-};
 
 // Policy P provides: static constexpr int MR; static void proj_tile(const ProjArgs<T>&, const T* const* xrows,
 //   T* const* orows, int mr, int64_t jb).
@@ -354,10 +412,11 @@ void projection_driver(ProjArgs<T>& a) {
   Plan& pl = *a.plan;
   const int64_t nb = ceil_div(a.H, 8);
   // enumerate (row, b, t) of every packed row in row order
-  std::vector<int64_t> rb(static_cast<size_t>(pl.N)), rt(static_cast<size_t>(pl.N));
+  int64_t* const rb = a.scratch;
+  int64_t* const rt = a.scratch + pl.N;
   for (int64_t s = 0; s < pl.maxlen; ++s)
     for (int64_t p = 0; p < pl.batch_sizes[s]; ++p) {
-      const int64_t t = pl.time_of(s, p, a.reverse);
+      const int64_t t = time_of(pl, s, p, a.reverse);
       const int64_t row = pl.offsets[t] + p;
       rb[row] = pl.perm[p];
       rt[row] = t;
@@ -371,13 +430,15 @@ void projection_driver(ProjArgs<T>& a) {
       const T* xr[8];
       T* orow[8];
       for (int r = 0; r < mr; ++r) {
-        xr[r] = a.x.at(r0 + r, rb[r0 + r], rt[r0 + r]);
+        xr[r] = mat_at(a.x, r0 + r, rb[r0 + r], rt[r0 + r]);
         orow[r] = a.out + (r0 + r) * a.ldo;
       }
       for (int64_t jb = 0; jb < nb; ++jb) P::proj_tile(a, xr, orow, mr, jb);
     }
   });
 }
+
+}  // namespace FI_LSTM_ISA
 
 // ---------------------------------------------------------------- AVX2 entry points (lstm_avx2.cpp)
 bool avx2_compiled();
