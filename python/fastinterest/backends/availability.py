@@ -1,6 +1,7 @@
 """Shared availability probes for backends: each returns None when usable, else a reason."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import lru_cache
@@ -48,3 +49,15 @@ def always(device: str) -> str | None:
 
         return None if torch.cuda.is_available() else "no CUDA device is visible to torch"
     return None
+
+
+class LazyModule:
+    """A backend module imported on first attribute access (numba/triton imports are slow)."""
+
+    def __init__(self, name: str):
+        self._name, self._mod = name, None
+
+    def __getattr__(self, attr):
+        if self._mod is None:
+            self._mod = importlib.import_module(self._name)
+        return getattr(self._mod, attr)

@@ -1,8 +1,6 @@
 """Registers the embedding-bag implementations with the dispatcher (op name: `embedding_bag`)."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _dispatch
@@ -11,17 +9,7 @@ from . import availability
 _F32_64 = {torch.float32, torch.float64}
 _HALF = {torch.float16, torch.bfloat16}
 
-
-class _Lazy:
-    """Imports a backend module on first use (numba/triton imports are slow)."""
-
-    def __init__(self, name: str):
-        self._name, self._mod = name, None
-
-    def __getattr__(self, attr):
-        if self._mod is None:
-            self._mod = importlib.import_module(self._name)
-        return getattr(self._mod, attr)
+_Lazy = availability.LazyModule
 
 
 IMPLS = {

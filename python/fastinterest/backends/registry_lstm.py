@@ -5,8 +5,6 @@ the ext backend also offers the inference fast paths used by `fastinterest.nn.LS
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .. import _dispatch
@@ -14,17 +12,7 @@ from . import availability
 
 _F32_64 = {torch.float32, torch.float64}
 
-
-class _Lazy:
-    """Imports a backend module on first use (numba/triton imports are slow)."""
-
-    def __init__(self, name: str):
-        self._name, self._mod = name, None
-
-    def __getattr__(self, attr):
-        if self._mod is None:
-            self._mod = importlib.import_module(self._name)
-        return getattr(self._mod, attr)
+_Lazy = availability.LazyModule
 
 
 IMPLS = {
