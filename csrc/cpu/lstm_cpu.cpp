@@ -495,6 +495,146 @@ void step_impl(int nthreads, int64_t B, int64_t H, const std::optional<MatDesc>&
   for (size_t l = 0; l < L; ++l) run_forward<T>(args[l]);
 }
 
+
+// Whole-sequence inference of a stack of layers (both directions) in one call, no autograd: the
+// length plan, then per layer the gate input (layer 0: projected tables or x through the packed
+// W_ih; tiny batches project every step first, one blocked GEMM instead of a GEMV per step) and the
+// recurrence of each direction. Layer outputs below the top live in scratch owned here. One call
+// instead of a Python loop of plan / projection / forward calls: at B = 1 the per-call Python work
+// was several times the recurrence itself.
+//   x: padded descriptor of the input [*, E] (layer 0, x mode) or none (tables mode)
+//   tables[d]: per direction, the projected tables of layer 0 (tables mode)
+//   whh/wih/bias: per layer*dirs + d; h0/c0/h_n/c_n: [num_layers*dirs, B, H] contiguous or 0
+//   out: padded descriptor of the top output, dirs*H columns (direction d at column d*H)
+template <typename T>
+void infer_impl(int nthreads, int64_t B, int64_t Tlen, int64_t H, int64_t num_layers, int dirs, bool batch_first,
+                std::uintptr_t lengths_p, const std::optional<MatDesc>& x, int64_t E,
+                const std::vector<std::vector<TableDesc>>& tables, const std::vector<std::uintptr_t>& whh,
+                const std::vector<std::uintptr_t>& wih, const std::vector<std::uintptr_t>& bias, std::uintptr_t h0,
+                std::uintptr_t c0, const MatDesc& out, std::uintptr_t h_n, std::uintptr_t c_n,
+                int64_t project_below) {
+  const size_t K = static_cast<size_t>(num_layers * dirs);
+  if (H <= 0 || num_layers <= 0 || (dirs != 1 && dirs != 2) || B < 0 || Tlen < 0)
+    throw std::invalid_argument("fastinterest lstm_infer: bad sizes");
+  if (whh.size() != K || wih.size() != K || bias.size() != K)
+    throw std::invalid_argument("fastinterest lstm_infer: per-layer lists must have num_layers * dirs entries");
+  const bool mode_tables = !tables.empty();
+  if (mode_tables == static_cast<bool>(x))
+    throw std::invalid_argument("fastinterest lstm_infer: give exactly one of x and tables");
+  if (mode_tables && tables.size() != static_cast<size_t>(dirs))
+    throw std::invalid_argument("fastinterest lstm_infer: tables must hold one list of fields per direction");
+  // length plan (all T when no lengths are given)
+  std::vector<int64_t> lengths(static_cast<size_t>(B), Tlen);
+  if (lengths_p) std::memcpy(lengths.data(), ptr<const int64_t>(lengths_p), sizeof(int64_t) * B);
+  std::vector<int64_t> perm(static_cast<size_t>(B)), bs(static_cast<size_t>(Tlen)), offs(static_cast<size_t>(Tlen) + 1);
+  const auto nm = build_plan(lengths.data(), B, Tlen, perm.data(), bs.data(), offs.data(), nullptr, batch_first);
+  Plan pl;
+  pl.B = B;
+  pl.T = Tlen;
+  pl.N = nm.first;
+  pl.maxlen = nm.second;
+  pl.perm = perm.data();
+  pl.batch_sizes = bs.data();
+  pl.offsets = offs.data();
+  std::vector<int64_t> Ls(static_cast<size_t>(B));
+  for (int64_t p = 0; p < B; ++p) Ls[p] = lengths[perm[p]];
+  pl.Ls = Ls.data();
+  const int64_t N = pl.N;
+  const int64_t BH = B * H;
+  // Gate input and arguments of every (layer, direction), validated (ids included) before any work.
+  const bool tiny = !mode_tables && B < project_below;
+  std::vector<T> scratch(static_cast<size_t>(fwd_scratch_numel(B, H)));
+  std::vector<T> lo[2];        // layer outputs [N, dirs*H], ping-pong between layers
+  std::vector<T> xproj;        // tiny batches: [N, dirs*4H]
+  std::vector<int64_t> pscratch;
+  if (num_layers > 1) {
+    lo[0].resize(static_cast<size_t>(std::max<int64_t>(N, 1) * dirs * H));
+    if (num_layers > 2) lo[1].resize(lo[0].size());
+  }
+  if (tiny) {
+    xproj.resize(static_cast<size_t>(std::max<int64_t>(N, 1) * dirs * 4 * H));
+    pscratch.resize(static_cast<size_t>(2 * std::max<int64_t>(N, 1)));
+  }
+  if (mode_tables) {  // validate the ids once (fill_input checks them against the plan)
+    for (int d = 0; d < dirs; ++d) {
+      GateInput<T> in;
+      fill_input<T>(in, std::nullopt, std::nullopt, 0, 0, 0, tables[d], H, &pl);
+    }
+  }
+  const int nthr = std::max(1, nthreads);
+  py::gil_scoped_release nogil;
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    const bool top = layer == num_layers - 1;
+    T* const lout = top ? nullptr : lo[layer % 2].data();
+    const T* const lin = layer == 0 ? nullptr : lo[(layer - 1) % 2].data();
+    const int64_t Ein = layer == 0 ? E : dirs * H;
+    // the layer's input rows: layer 0 padded x, later layers packed [N, dirs*H]
+    RowMat<const T> src;
+    if (layer == 0 && x) src = to_mat<const T>(x);
+    else if (layer > 0) { src.ptr = lin; src.ld = dirs * H; }
+    if (tiny && !(layer == 0 && mode_tables)) {
+      for (int d = 0; d < dirs; ++d) {
+        ProjArgs<T> a;
+        a.plan = &pl;
+        a.scratch = pscratch.data();
+        a.H = H;
+        a.E = Ein;
+        a.reverse = d == 1;
+        a.nthreads = nthr;
+        a.x = src;
+        a.wih_packed = ptr<const T>(wih[layer * dirs + d]);
+        a.bias = bias[layer * dirs + d] ? ptr<const T>(bias[layer * dirs + d]) : nullptr;
+        a.out = xproj.data() + d * 4 * H;
+        a.ldo = dirs * 4 * H;
+        if (N > 0) run_projection<T>(a);
+      }
+    }
+    for (int d = 0; d < dirs; ++d) {
+      const size_t k = static_cast<size_t>(layer * dirs + d);
+      FwdArgs<T> a;
+      a.plan = &pl;
+      a.scratch = scratch.data();
+      a.H = H;
+      a.reverse = d == 1;
+      a.nthreads = nthr;
+      if (layer == 0 && mode_tables) {
+        const auto& tf = tables[d];
+        a.in.nfields = static_cast<int>(tf.size());
+        for (int f = 0; f < a.in.nfields; ++f) {
+          a.in.tables[f] = ptr<const T>(std::get<0>(tf[f]));
+          a.in.vocab[f] = std::get<1>(tf[f]);
+          a.in.ids[f] = reinterpret_cast<const void*>(std::get<2>(tf[f]));
+          a.in.ids64[f] = std::get<3>(tf[f]) ? 1 : 0;
+          a.in.ids_sb[f] = std::get<4>(tf[f]);
+          a.in.ids_st[f] = std::get<5>(tf[f]);
+        }
+      } else if (tiny) {
+        a.in.xproj.ptr = xproj.data() + d * 4 * H;
+        a.in.xproj.ld = dirs * 4 * H;
+      } else {
+        a.in.x = src;
+        a.in.E = Ein;
+        a.in.wih_packed = ptr<const T>(wih[k]);
+        a.in.bias = bias[k] ? ptr<const T>(bias[k]) : nullptr;
+      }
+      a.whh_packed = ptr<const T>(whh[k]);
+      a.h0 = h0 ? ptr<const T>(h0) + k * BH : nullptr;
+      a.c0 = c0 ? ptr<const T>(c0) + k * BH : nullptr;
+      if (top) {
+        a.out = to_mat<T>(std::optional<MatDesc>(out));
+        a.out.ptr += d * H;
+        a.zero_padding = true;
+      } else {
+        a.out.ptr = lout + d * H;
+        a.out.ld = dirs * H;
+      }
+      a.h_n = h_n ? ptr<T>(h_n) + k * BH : nullptr;
+      a.c_n = c_n ? ptr<T>(c_n) + k * BH : nullptr;
+      run_forward<T>(a);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lstm
 
@@ -615,6 +755,32 @@ hprev [N, H] (h entering each step) or 0 to skip, dh0 and dc0 [B, H] batch order
 (descriptor, packed rows) through wih_packed[0], or sums projected table rows (tables, ids [B] with
 stride_b; stride_t unused). Per layer: whh_packed/wih_packed ('fwd' panels), bias [4H] (b_ih + b_hh)
 or 0, h_in/c_in [B, H] before the step, h_out/c_out [B, H] after (distinct from h_in/c_in).)doc");
+
+  m.def("lstm_infer",
+        [](int dtype, int nthreads, int64_t B, int64_t T, int64_t H, int64_t num_layers, int dirs, bool batch_first,
+           std::uintptr_t lengths, const std::optional<MatDesc>& x, int64_t E,
+           const std::vector<std::vector<TableDesc>>& tables, const std::vector<std::uintptr_t>& whh_packed,
+           const std::vector<std::uintptr_t>& wih_packed, const std::vector<std::uintptr_t>& bias, std::uintptr_t h0,
+           std::uintptr_t c0, const MatDesc& out, std::uintptr_t h_n, std::uintptr_t c_n, int64_t project_below) {
+          check_dtype(dtype);
+          if (dtype == 0)
+            infer_impl<float>(nthreads, B, T, H, num_layers, dirs, batch_first, lengths, x, E, tables, whh_packed,
+                              wih_packed, bias, h0, c0, out, h_n, c_n, project_below);
+          else
+            infer_impl<double>(nthreads, B, T, H, num_layers, dirs, batch_first, lengths, x, E, tables, whh_packed,
+                               wih_packed, bias, h0, c0, out, h_n, c_n, project_below);
+        },
+        py::arg("dtype"), py::arg("nthreads"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("num_layers"),
+        py::arg("dirs"), py::arg("batch_first"), py::arg("lengths"), py::arg("x"), py::arg("E"), py::arg("tables"),
+        py::arg("whh_packed"), py::arg("wih_packed"), py::arg("bias"), py::arg("h0"), py::arg("c0"), py::arg("out"),
+        py::arg("h_n"), py::arg("c_n"), py::arg("project_below"),
+        R"doc(Whole-sequence inference of a stack (num_layers x dirs) in one call. lengths: [B] int64 batch
+order, or 0 for all T. Input: x (padded descriptor of [*, E] rows) or tables (per direction, a list of
+(table [V, 4H], V, ids ptr, ids_is_int64, stride_b, stride_t)) for layer 0. Per layer*dirs + d:
+whh_packed / wih_packed ('fwd' panels), bias [4H] (b_ih + b_hh) or 0. h0, c0, h_n, c_n:
+[num_layers*dirs, B, H] contiguous, or 0. out: padded descriptor of the top output (dirs*H columns);
+steps past a sequence's length are zero. Batches smaller than project_below project every step's
+input first (x mode).)doc");
 
   m.def("lstm_input_projection",
         [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d, const MatDesc& x, int64_t E,

@@ -559,95 +559,47 @@ def _tables_desc(tables: List[Tensor], ids_bt: List[Tensor]):
             for tab, ids in zip(tables, ids_bt)]
 
 
-def infer(x: Optional[Tensor], tables, ids_bt, lengths: Tensor, B: int, T: int, dtype: torch.dtype,
-          h0: Optional[Tensor], c0: Optional[Tensor], weights: List[Tensor], has_bias: bool, num_layers: int,
-          bidirectional: bool, batch_first: bool, packed_whh: List[Tensor], packed_x=None):
-    """Whole-sequence inference on the C++ kernels, one call per layer and direction, no workspace.
+def infer(x: Optional[Tensor], tables, ids_bt, lengths: Optional[Tensor], B: int, T: int, dtype: torch.dtype,
+          h0: Optional[Tensor], c0: Optional[Tensor], H: int, num_layers: int, bidirectional: bool,
+          batch_first: bool, ptrs: tuple):
+    """Whole-sequence inference on the C++ kernels: the whole stack (plan, projections, every layer and
+    direction) in one native call, no workspace kept (csrc/cpu/lstm_cpu.cpp, lstm_infer).
 
     Layer 0 reads projected tables when given (tables[d][f] [V_f, 4H] per direction and field, ids_bt
-    [B, T] views per field); otherwise every layer reads its input through packed W_ih inside the kernel
-    (packed_x: ('fwd' panels, folded bias) per layer and direction), or, without packed_x, through one
-    x W_ih^T GEMM over the valid rows.
+    [B, T] views per field), otherwise x through the packed W_ih; ptrs = serving_pointers(...) (packed
+    W_hh, packed W_ih, folded biases per layer and direction, cached by the module). lengths: int64
+    [B] on the CPU or None (all T).
     """
     m = kernel().m
-    dt = DTYPE_CODES[dtype]
-    nthr = torch.get_num_threads()
     dirs = 2 if bidirectional else 1
-    H = weights[1].shape[1]
-    plan = make_plan(lengths, B, T, batch_first)
-    N = plan.N
     out = torch.empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), dtype=dtype)
     h_n = torch.empty(num_layers * dirs, B, H, dtype=dtype)
     c_n = torch.empty(num_layers * dirs, B, H, dtype=dtype)
-    if N == 0:
-        out.zero_()
-        h_n.copy_(h0) if h0 is not None else h_n.zero_()
-        c_n.copy_(c0) if c0 is not None else c_n.zero_()
-        return out, (h_n, c_n)
+    outv = _bf(out, batch_first)
+    x_desc, E, tabs = None, 0, []
+    if x is not None:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        xb = _bf(x, batch_first)
+        x_desc, E = (xb.data_ptr(), 0, xb.stride(0), xb.stride(1), True), x.shape[-1]
+    else:
+        tabs = [_tables_desc(tables[d], ids_bt) for d in range(dirs)]
+    if lengths is not None:
+        lengths = lengths.to(dtype=torch.int64).contiguous()
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
-    lw = layer_weights(weights, has_bias, num_layers, dirs)
-    es = out.element_size()
-    x_bf = None
-    if x is not None:
-        x = x.contiguous()
-        x_bf = _bf(x, batch_first)
-    layer_in = None
-    outv = _bf(out, batch_first)
-    for layer in range(num_layers):
-        top = layer == num_layers - 1
-        lo = None if top else POOL.empty((N, dirs * H), dtype)
-        mode_tables = layer == 0 and tables is not None
-        mode_x = not mode_tables and packed_x is not None
-        xproj = None
-        if mode_x and B < _PROJECT_FIRST_BELOW:
-            # tiny batch: apply W_ih to all steps at once (a blocked GEMM), not one row per step (a GEMV)
-            src = x_bf if layer == 0 else layer_in
-            xproj = POOL.empty((N, dirs * 4 * H), dtype)
-            for d in range(dirs):
-                wp, bb = packed_x[layer * dirs + d]
-                m.lstm_input_projection(dt, nthr, H, d == 1, plan.desc, _mat(src), src.shape[-1], wp.data_ptr(),
-                                        0 if bb is None else bb.data_ptr(), xproj.data_ptr() + d * 4 * H * es,
-                                        dirs * 4 * H)
-            mode_x = False
-        elif not mode_tables and not mode_x:
-            src = x.reshape(B * T, x.shape[2]).index_select(0, plan.pack_index) if layer == 0 else layer_in
-            xproj = _input_projection(src, lw[layer], has_bias)
-        for d in range(dirs):
-            k = layer * dirs + d
-            xp_desc = None
-            x_desc = None
-            E = 0
-            wih_p = 0
-            bias_p = 0
-            tabs = []
-            if mode_tables:
-                tabs = _tables_desc(tables[d], ids_bt)
-            elif mode_x:
-                src = x_bf if layer == 0 else layer_in
-                x_desc = _mat(src)
-                E = src.shape[-1]
-                wp, bb = packed_x[k]
-                wih_p = wp.data_ptr()
-                bias_p = 0 if bb is None else bb.data_ptr()
-            else:
-                xp_desc = (xproj.data_ptr() + d * 4 * H * es, xproj.stride(0), 0, 0, False)
-            if top:
-                o_desc = (outv.data_ptr() + d * H * es, 0, outv.stride(0), outv.stride(1), True)
-            else:
-                o_desc = (lo.data_ptr() + d * H * es, lo.stride(0), 0, 0, False)
-            m.lstm_forward(dt, nthr, H, d == 1, plan.desc, xp_desc, x_desc, E, wih_p, bias_p, tabs,
-                           packed_whh[k].data_ptr(), 0 if h0 is None else h0[k].data_ptr(),
-                           0 if c0 is None else c0[k].data_ptr(), o_desc, top, 0, 0, h_n[k].data_ptr(),
-                           c_n[k].data_ptr())
-        layer_in = lo
+    m.lstm_infer(DTYPE_CODES[dtype], torch.get_num_threads(), B, T, H, num_layers, dirs, batch_first,
+                 _p(lengths), x_desc, E, tabs, ptrs[0], ptrs[1], ptrs[2], _p(h0), _p(c0),
+                 (outv.data_ptr(), 0, outv.stride(0), outv.stride(1), True), h_n.data_ptr(), c_n.data_ptr(),
+                 _PROJECT_FIRST_BELOW)
     return out, (h_n, c_n)
 
 
 def serving_pointers(packed_whh: List[Tensor], packed_x) -> tuple:
-    """Per-layer pointer lists for `step` (computed once per weight version by the module)."""
+    """Per-(layer, direction) pointer lists for `step` and `infer` (computed once per weight version by the
+    module); the last entry keeps the packed tensors alive as long as the pointers are held."""
     return ([p.data_ptr() for p in packed_whh], [p[0].data_ptr() for p in packed_x],
-            [0 if p[1] is None else p[1].data_ptr() for p in packed_x])
+            [0 if p[1] is None else p[1].data_ptr() for p in packed_x], (packed_whh, packed_x))
 
 
 def step(x_t: Optional[Tensor], tables, ids, h: Tensor, c: Tensor, ptrs: tuple, H: int):

@@ -201,7 +201,9 @@ class LSTM(nn.Module):
         if lengths is not None:
             F.check_lengths_meta(lengths, x, B)
         h0, c0 = self._check_hx(hx, B, x)
-        backend = _dispatch.resolve("lstm", x.device, x.dtype, self.backend)
+        # memoised outside torch.compile (resolve is a traced constant there): it dominated B = 1 calls
+        backend = _dispatch.resolve("lstm", x.device, x.dtype, self.backend) if _compiling() else \
+            self._resolve(x.device, x.dtype)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
                                             or (h0 is not None and h0.requires_grad)
                                             or (c0 is not None and c0.requires_grad))
@@ -275,14 +277,14 @@ class LSTM(nn.Module):
 
         if x is not None:
             B, T = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int64)
-        else:
+        if lengths is not None:
             lengths = lengths.to(device="cpu", dtype=torch.int64)
+        args = (x, tables, ids_bt, lengths, B, T, dtype or x.dtype, h0, c0, self.hidden_size, self.num_layers,
+                self.bidirectional, self.batch_first, self._serving())
+        if not torch.is_grad_enabled():
+            return ext_lstm.infer(*args)
         with torch.no_grad():
-            return ext_lstm.infer(x, tables, ids_bt, lengths, B, T, dtype or x.dtype, h0, c0, self._flat_weights,
-                                  self.bias, self.num_layers, self.bidirectional, self.batch_first,
-                                  self._packed_whh(), self._packed_x())
+            return ext_lstm.infer(*args)
 
     # ---------------------------------------------------------------- serving
     def _resolve(self, device, dtype) -> str:
