@@ -312,6 +312,39 @@ def test_out_of_range_indices_raise(backend):
         e(torch.tensor([[0, 99]]))
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64])
+def test_bad_input_found_inside_the_kernel(backend, mode, itype):
+    """The C++ kernel validates while it reads (no separate pass): every malformed input still raises the
+    precise error, on the threaded path too, and never reads outside the table or the indices."""
+    V, D, B, L = 50, 8, 300, 10   # N = 3000 >= the kernel's threading threshold
+    m = fnn.EmbeddingBag(V, D, mode=mode, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, V, (B * L,), generator=g).to(itype)
+    off = torch.arange(0, B * L, L).to(itype)
+    m(idx, off)   # valid
+    bad = idx.clone()
+    bad[2917] = V
+    bad[2950] = -5
+    with pytest.raises(IndexError, match=rf"index {V} at position 2917"):
+        m(bad, off)
+    tail = idx.clone()
+    tail[-1] = 10 ** 6     # after the last offset with include_last_offset: never read, still invalid
+    mi = fnn.EmbeddingBag(V, D, mode=mode, backend=backend, include_last_offset=True)
+    with pytest.raises(IndexError, match="at position 2999"):
+        mi(tail, torch.tensor([0, 5, 2000], dtype=itype))
+    far = off.clone()
+    far[150] = 2 ** 30 if itype == torch.int32 else 10 ** 12  # would read far past the indices
+    with pytest.raises(ValueError, match="non-decreasing"):
+        m(idx, far)
+    with pytest.raises(ValueError, match="offsets end at"):
+        mi(idx, torch.tensor([0, 5, 3001], dtype=itype))
+    with pytest.raises(ValueError, match=r"offsets\[0\] must be 0"):
+        m(idx, off + 1)
+    assert_close(m(idx, off), torch.nn.functional.embedding_bag(idx.long(), m.weight.detach(), off.long(), mode=mode))
+
+
 def test_bad_offsets_and_types_raise():
     m = fnn.EmbeddingBag(10, 4, mode="sum")
     idx = torch.tensor([1, 2, 3, 4])

@@ -43,14 +43,14 @@ void register_embedding(py::module_& m) {
         if (mode == 2 && !maxpos) throw std::invalid_argument("fastinterest embedding: mode max needs maxpos");
         FwdCall c{weight, wdtype, V, D, idx, idtype, N, off, odtype, B, psw, mode, skip_idx, out, maxpos, nthreads};
         py::gil_scoped_release nogil;
-        if (use_avx2()) avx2::embedding_forward(c);
-        else generic::embedding_forward(c);
+        return use_avx2() ? avx2::embedding_forward(c) : generic::embedding_forward(c);
       },
       py::arg("weight"), py::arg("wdtype"), py::arg("V"), py::arg("D"), py::arg("idx"), py::arg("idtype"),
       py::arg("N"), py::arg("off"), py::arg("odtype"), py::arg("B"), py::arg("psw"), py::arg("mode"),
       py::arg("skip_idx"), py::arg("out"), py::arg("maxpos"), py::arg("nthreads"),
       "Embedding-bag forward. weight [V, D] (wdtype); idx [N]; off [B+1] or 0 (bag b = {idx[b]}); psw [N] or 0;\n"
-      "out [B, D] (float64 for float64 tables, else float32); maxpos [B, D] int64 positions for mode max.");
+      "out [B, D] (float64 for float64 tables, else float32); maxpos [B, D] int64 positions for mode max.\n"
+      "Returns True when an offset or an index is out of range (those bags are not read; the caller raises).");
   m.def(
       "embedding_backward",
       [](std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_t V, int64_t D, std::uintptr_t idx,

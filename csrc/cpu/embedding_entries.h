@@ -25,7 +25,8 @@ inline void with_weight_type(int code, F&& f) {
   }
 }
 
-void embedding_forward(const fi::FwdCall& c) {
+bool embedding_forward(const fi::FwdCall& c) {
+  bool bad = false;
   with_weight_type(c.wdtype, [&](auto w0, auto a0) {
     using W = decltype(w0);
     using A = decltype(a0);
@@ -33,13 +34,14 @@ void embedding_forward(const fi::FwdCall& c) {
       using I = decltype(i0);
       with_index_type(c.off ? c.odtype : c.idtype, [&](auto o0) {
         using O = decltype(o0);
-        bag_forward<W, A, I, O>(reinterpret_cast<const W*>(c.weight), c.D, reinterpret_cast<const I*>(c.idx), c.N,
-                                reinterpret_cast<const O*>(c.off), c.B, reinterpret_cast<const A*>(c.psw), c.mode,
-                                c.skip_idx, reinterpret_cast<A*>(c.out), reinterpret_cast<int64_t*>(c.maxpos),
-                                c.nthreads);
+        bad = bag_forward<W, A, I, O>(reinterpret_cast<const W*>(c.weight), c.V, c.D,
+                                      reinterpret_cast<const I*>(c.idx), c.N, reinterpret_cast<const O*>(c.off), c.B,
+                                      reinterpret_cast<const A*>(c.psw), c.mode, c.skip_idx,
+                                      reinterpret_cast<A*>(c.out), reinterpret_cast<int64_t*>(c.maxpos), c.nthreads);
       });
     });
   });
+  return bad;
 }
 
 int64_t embedding_backward(const fi::BwdCall& c) {

@@ -60,7 +60,7 @@ struct BwdCall {
 
 #define FI_DECLARE_EMBEDDING_ENTRIES(NS)                               \
   namespace NS {                                                       \
-  void embedding_forward(const ::fi::FwdCall& c);                      \
+  bool embedding_forward(const ::fi::FwdCall& c);                      \
   int64_t embedding_backward(const ::fi::BwdCall& c);                  \
   int64_t first_bad_index(std::uintptr_t idx, int idtype, int64_t N, int64_t V); \
   }

@@ -40,6 +40,15 @@ def _cuda_offsets(indices, offsets):
     return offsets
 
 
+# The CPU kernel validates indices and offsets as it reads them (no separate pass): the op skips its
+# Python checks for this backend on the CPU and, on BadInput, runs them to raise the precise error.
+VALIDATES_ON_CPU = True
+
+
+class BadInput(Exception):
+    """The CPU kernel met an out-of-range index or offset (it read no memory outside the table)."""
+
+
 def forward(weight, indices, offsets, psw, mode, skip_idx):
     offsets = _cuda_offsets(indices, offsets)
     V, D = weight.shape
@@ -47,12 +56,14 @@ def forward(weight, indices, offsets, psw, mode, skip_idx):
     acc = acc_dtype(weight.dtype)
     out = torch.empty((B, D), dtype=acc, device=weight.device)
     maxpos = torch.empty((B, D) if mode == 2 else (0,), dtype=torch.long, device=weight.device)
-    _module(weight.device).embedding_forward(
+    bad = _module(weight.device).embedding_forward(
         weight=weight.data_ptr(), wdtype=DTYPE_CODE[weight.dtype], V=V, D=D,
         idx=indices.data_ptr(), idtype=DTYPE_CODE[indices.dtype], N=indices.numel(),
         off=_ptr(offsets), odtype=DTYPE_CODE[offsets.dtype] if offsets is not None else 5, B=B,
         psw=_ptr(psw), mode=mode, skip_idx=skip_idx, out=out.data_ptr(),
         maxpos=maxpos.data_ptr() if mode == 2 else 0, **_launch_args(weight.device))
+    if bad and weight.device.type == "cpu":
+        raise BadInput()
     return out, maxpos
 
 

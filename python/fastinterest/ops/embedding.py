@@ -69,9 +69,17 @@ def embedding_bag_op(weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
                      bag_mode: int, skip_idx: int, grad_skip_idx: int, backend: str, opt: int, hp: List[float],
                      s1: Optional[Tensor], s2: Optional[Tensor], step: Optional[Tensor],
                      deterministic: bool) -> Tuple[Tensor, Tensor]:
+    impl = _impl(backend)
+    if weight.device.type == "cpu" and getattr(impl, "VALIDATES_ON_CPU", False):
+        try:
+            return impl.forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx)
+        except impl.BadInput:
+            _check_indices(weight, indices)
+            _check_offsets(offsets, indices.numel())
+            raise ValueError("fastinterest embedding_bag: malformed indices or offsets") from None
     _check_indices(weight, indices)
     _check_offsets(offsets, indices.numel())
-    return _impl(backend).forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx)
+    return impl.forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx)
 
 
 @embedding_bag_op.register_fake
@@ -234,7 +242,7 @@ def embedding_bag(weight: Tensor, input: Tensor, offsets: Optional[Tensor] = Non
         if offsets.dim() != 1:
             raise ValueError(f"fastinterest embedding_bag: offsets must be 1-D, got shape {tuple(offsets.shape)}")
         if not include_last_offset:
-            offsets = torch.cat([offsets, offsets.new_tensor([input.numel()])])
+            offsets = torch.nn.functional.pad(offsets, (0, 1), value=input.numel())
         elif offsets.numel() == 0:
             raise ValueError("fastinterest embedding_bag: include_last_offset=True needs at least one offset")
     else:
