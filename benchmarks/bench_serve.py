@@ -301,6 +301,15 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int) -> list[dict]:
     return rows
 
 
+def print_inproc(rows: list[dict]) -> None:
+    stock = {r["persons"]: r for r in rows if r["variant"] == "torch"}
+    for r in rows:
+        base = stock[r["persons"]]
+        print(f"in-process {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
+              f"min {r['min_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  x torch: median {base['median_ms'] / r['median_ms']:.1f}"
+              f"  min {base['min_ms'] / r['min_ms']:.1f}", flush=True)
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -317,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--variants", nargs="+", default=["torch", "fastinterest"], choices=list(VARIANTS))
     ap.add_argument("--repeats", type=int, default=100, help="in-process append-vs-recompute repeats")
+    ap.add_argument("--inproc-only", action="store_true",
+                    help="only the in-process append-vs-recompute part (no HTTP servers); prints, writes nothing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     setup_threads(1)
@@ -324,6 +335,9 @@ def main(argv=None) -> int:
 
     run = args.run or build_run(ROOT / "runs" / "bench-serve")
     vocab = json.loads((run / "vocab.json").read_text())
+    if args.inproc_only:
+        print_inproc(append_vs_recompute(run, vocab, args.repeats))
+        return 0
     C = args.clients
     persons = [f"h50-{i}" for i in range(args.persons)]
     scenarios = {
@@ -366,9 +380,7 @@ def main(argv=None) -> int:
         for proc, _ in servers.values():
             stop_server(proc)
     inproc = append_vs_recompute(run, vocab, args.repeats)
-    for r in inproc:
-        print(f"in-process {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
-              f"min {r['min_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms", flush=True)
+    print_inproc(inproc)
     args.load_after = os.getloadavg()[0]
     write(results, inproc, args, run)
     return 0

@@ -129,6 +129,7 @@ def generate_synthetic(
     faults: dict[str, int] | None = None,
     max_events_per_second: int = DEFAULT_MAX_EVENTS_PER_SECOND,
     median_length: float = 50.0,
+    min_interest_weight: float = 0.0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool | None = None,
 ) -> dict:
@@ -216,6 +217,8 @@ def generate_synthetic(
     iw = rng.dirichlet(np.ones(3), P)
     iw[n_interests == 2, 2] = 0.0
     iw /= iw.sum(axis=1, keepdims=True)
+    floor = min_interest_weight
+    iw = np.where(iw > 0, floor + (1.0 - n_interests[:, None] * floor) * iw, 0.0)
     iw_cum = np.cumsum(iw, axis=1)
     iw_cum[:, -1] = 1.0
 

@@ -74,7 +74,7 @@ def _last_platform(batch) -> np.ndarray:
     return np.where(lengths > 0, np.asarray(batch.platform)[rows, np.maximum(lengths - 1, 0)], 0)
 
 
-def evaluate_scorer(scorer, test, valid=None, *, ks=(10,), exclude_seen: bool = False, chunk: int = 512,
+def evaluate_scorer(scorer, test, valid=None, *, ks=(10,), exclude_seen: bool = False, chunk: int = 128,
                     num_sampled: int = 100, seed: int = 0, platform_names=None, keep_curves: bool = False,
                     threshold: float | None = None) -> dict:
     """All metrics of `scorer` on the `test` split (see the module docstring for the keys).

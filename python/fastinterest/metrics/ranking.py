@@ -38,10 +38,13 @@ def target_ranks(scores, targets, exclude_mask=None) -> tuple[np.ndarray, np.nda
         above = s > t_score
         tied = s == t_score
         if exclude_mask is not None:
-            m = torch.as_tensor(exclude_mask, device=s.device).bool().clone()
-            m.scatter_(1, tg[:, None], False)
-            above &= ~m
-            tied &= ~m
+            keep = ~torch.as_tensor(exclude_mask, device=s.device).bool()
+            keep.scatter_(1, tg[:, None], True)
+            above &= keep
+            tied &= keep
+        if above.device.type == "cpu":  # numpy counts bool rows ~8x faster than torch's sum reduction
+            return (np.count_nonzero(above.numpy(), axis=1).astype(np.int64),
+                    np.count_nonzero(tied.numpy(), axis=1).astype(np.int64) - 1)
         return above.sum(1).cpu().numpy(), (tied.sum(1) - 1).cpu().numpy()
     s = np.asarray(scores, dtype=np.float64)
     tg = np.asarray(targets, dtype=np.int64)

@@ -65,6 +65,18 @@ def item_counts(item_ids: torch.Tensor, lengths: torch.Tensor, candidates: torch
     return ((item_ids.unsqueeze(1) == cand.unsqueeze(2)) & valid.unsqueeze(1)).sum(2).float()
 
 
+def _history_counts(item_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each history position [B, T]: how often its item occurs in the valid part of the row, and whether
+    it is the item's first valid occurrence (pads, unknowns and positions past the length: count 0, False)."""
+    T = item_ids.shape[1]
+    valid = (torch.arange(T, device=item_ids.device)[None, :] < lengths.to(item_ids.device)[:, None]) & (item_ids >= 2)
+    same = (item_ids[:, :, None] == item_ids[:, None, :]) & valid[:, None, :] & valid[:, :, None]   # [B, T, T]
+    n = same.sum(2).float()
+    earlier = torch.ones(T, T, dtype=torch.bool, device=item_ids.device).tril(-1)              # s < t
+    first = valid & ~(same & earlier[None]).any(2)
+    return n, first
+
+
 class InterestModel(nn.Module):
     """Sequence model of a person's interests (see the module docstring).
 
@@ -149,8 +161,15 @@ class InterestModel(nn.Module):
         q = self.item_query(user[..., : self.hidden_size])
         w = self.encoder.item_weight
         if candidates is None:
-            out = q @ w.t() + self.item_bias
-        elif candidates.dim() == 1:
+            out = torch.addmm(self.item_bias, q, w.t())
+            if self.repeat_term and history_items is not None:
+                # only the (at most T) items of each history get a repeat term: add it there in place instead
+                # of building dense [B, V] counts (same values, far less memory traffic on a large vocabulary)
+                n, first = _history_counts(history_items, lengths)
+                out.scatter_add_(1, history_items.to(out.device),
+                                      self.repeat_weight * torch.log1p(n) * first.to(out.dtype))
+            return out
+        if candidates.dim() == 1:
             out = q @ w[candidates].t() + self.item_bias[candidates]
         else:
             out = torch.einsum("bd,bkd->bk", q, w[candidates]) + self.item_bias[candidates]

@@ -40,7 +40,7 @@ class ModelScorer:
             self.model.train(was)
         if not parts:
             return torch.zeros(0, self.model.config["hidden_size"])
-        return torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def user_vectors(self, batch) -> np.ndarray:
         return self.user_tensor(batch).cpu().numpy()
@@ -61,4 +61,6 @@ class ModelScorer:
                 parts.append(self.model.item_logits(user, None, ids[0], lengths))
         finally:
             self.model.train(was)
+        if len(parts) == 1:  # the common case (callers pass chunks): no copy of the [N, V] scores
+            return parts[0]
         return torch.cat(parts) if parts else torch.zeros(0, self.model.num_items)

@@ -582,3 +582,34 @@ class EmbeddingLSTM(nn.Module):
         self._check_step_ids(lst)
         x = self.embed([t.unsqueeze(1) for t in lst])[:, 0]
         return lstm._step(x, None, h, c)
+
+    def step_fn(self):
+        """`step` for a serving loop, bound to the weights as they are now: returns f(ids_t, (h, c)) -> (h', c').
+
+        ids_t: a list of [B] int32/int64 tensors, one per field (strided views are fine); h, c: [num_layers, B, H].
+        Inference only (no autograd). It skips what `step` re-does on every call — argument type and shape checks,
+        backend resolution, the weight-version checks of its caches — so it must be rebuilt after any change of the
+        weights; ids out of range still raise IndexError. Where the fused CPU kernel does not run, f is `step`
+        under torch.no_grad()."""
+        lstm = self.lstm
+        ref = lstm.weight_ih_l0
+
+        def checked(ids_t, state):
+            with torch.no_grad():
+                return self.step(list(ids_t), state)[1]
+
+        if lstm.bidirectional or _compiling() or ref.device.type != "cpu" or \
+                ref.dtype not in (torch.float32, torch.float64) or not self._use_projection() or \
+                lstm._resolve(ref.device, ref.dtype) != "ext":
+            return checked
+        from ..backends import ext_lstm
+
+        with torch.no_grad():
+            tables = self._projected()[0]
+            ptrs = lstm._serving()
+        H = lstm.hidden_size
+
+        def fast(ids_t, state):
+            return ext_lstm.step(None, tables, ids_t, state[0], state[1], ptrs, H)[1]
+
+        return fast

@@ -1,8 +1,10 @@
 """Numba (CPU) embedding-bag kernels: same contract as backends/reference_embedding.py.
 
-Forward: one parallel loop over bags. Backward: a stable sort of the kept positions by row groups
-each row's occurrences in position order; a parallel loop over rows sums each row's gradient in that
-fixed order and applies the fused update, so the result does not depend on the thread count.
+Forward: one parallel loop over bags; sum/mean accumulate each block of columns in vector registers
+while prefetching rows ahead (two small LLVM intrinsics, see the forward section), max is plain numba.
+Backward: a stable sort of the kept positions by row groups each row's occurrences in position order;
+a parallel loop over rows sums each row's gradient in that fixed order and applies the fused update,
+so the result does not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -11,54 +13,277 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..backends.reference_embedding import (MODE_MAX, MODE_MEAN, OPT_ADAGRAD, OPT_ADAM, OPT_DENSE,
                                             OPT_ROWWISE_ADAGRAD, OPT_SGD, OPT_SPARSE, acc_dtype)
 
 
+# ---------------------------------------------------------------- forward
+# The sum/mean forward is bound by gathering random rows. Two things the C++ kernel does that plain
+# numba code cannot express are done here with small LLVM intrinsics:
+#   * software prefetch of the row _PF positions ahead (llvm.prefetch, as __builtin_prefetch(p, 0, 1));
+#   * accumulators held in vector registers for a block of up to 8 vectors of columns, so no partial
+#     sum goes through memory between rows (numba's `out[b, d] += w[r, d]` loop stores and reloads
+#     the output row for every index and checks aliasing on every row: ~1.5x slower).
+# Everything else (bag bounds, counts, threading over bags, the max mode) is ordinary numba.
+_PF = 12  # rows prefetched ahead of the one being summed (as the C++ kernel)
+_VEC_BYTES = 32  # one accumulator register (AVX2); LLVM splits or joins it on other targets
+_BLOCK = 8  # accumulator registers per column block: 64 float32 / 32 float64 columns
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+
+
+def _emit_prefetch(builder, ptr, nbytes):
+    """Prefetch for read, low temporal locality, every cache line of [ptr, ptr + nbytes) (nbytes a constant
+    or an i64 value)."""
+    i8p = ir.IntType(8).as_pointer()
+    # the pointer's mangling is "p0" with opaque pointers (LLVM >= 15), "p0i8" with typed ones
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                        f"llvm.prefetch.{i8p.intrinsic_name}")
+    p = builder.bitcast(ptr, i8p)
+    if isinstance(nbytes, int):
+        offs = list(range(0, nbytes, 64)) + ([nbytes - 1] if nbytes % 64 else [])
+        for o in offs:
+            builder.call(fn, [builder.gep(p, [_I64(o)]), _I32(0), _I32(1), _I32(1)])
+        return
+    with cgutils.for_range_slice(builder, _I64(0), nbytes, _I64(64)) as (o, _):
+        builder.call(fn, [builder.gep(p, [o]), _I32(0), _I32(1), _I32(1)])
+
+
+def _c_float_matrix(t):
+    return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and isinstance(t.dtype, types.Float)
+
+
+@intrinsic
+def _prefetch_row(typingctx, w, r):
+    """Prefetch the whole row w[r, :] of a C-contiguous matrix."""
+    if not _c_float_matrix(w) or not isinstance(r, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wa = context.make_array(signature.args[0])(context, builder, args[0])
+        D = builder.extract_value(wa.shape, 1)
+        rv = context.cast(builder, args[1], signature.args[1], types.int64)
+        esz = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        _emit_prefetch(builder, builder.gep(wa.data, [builder.mul(rv, D)]), builder.mul(D, _I64(esz)))
+        return context.get_dummy_value()
+
+    return types.void(w, r), codegen
+
+
+@intrinsic
+def _sum_block(typingctx, w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0, nv, vec):
+    """out[b, c0:c0+n] = scale * sum over j in [j0, j1) with idx[j] != skip of (psw[j] *) w[idx[j], c0:c0+n].
+
+    n = nv registers of _VEC_BYTES (vec=1) or nv single columns (vec=0); nv and vec are literals. The
+    rows are summed in index order in registers, each prefetched _PF positions ahead (across bags).
+    """
+    if not (isinstance(nv, types.IntegerLiteral) and isinstance(vec, types.IntegerLiteral)):
+        return None
+    if not (_c_float_matrix(w) and _c_float_matrix(out) and out.dtype == w.dtype and isinstance(idx, types.Array)
+            and idx.ndim == 1 and idx.layout == "C" and isinstance(idx.dtype, types.Integer)
+            and isinstance(psw, types.Array) and psw.ndim == 1 and psw.dtype == w.dtype):
+        return None
+    NV = nv.literal_value
+    sig = types.void(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0, nv, vec)
+
+    def codegen(context, builder, signature, args):
+        aw, ai, aj0, aj1, askip, ap, ahas, ascale, ao, ab, ac0 = signature.args[:11]
+        wa = context.make_array(aw)(context, builder, args[0])
+        ia = context.make_array(ai)(context, builder, args[1])
+        pa = context.make_array(ap)(context, builder, args[5])
+        oa = context.make_array(ao)(context, builder, args[8])
+        vj0, vj1, vskip, vb, vc0 = (context.cast(builder, args[k], t, types.int64)
+                                    for k, t in ((2, aj0), (3, aj1), (4, askip), (9, ab), (10, ac0)))
+        has = context.cast(builder, args[6], ahas, types.boolean)
+        ety = context.get_data_type(aw.dtype)
+        esz = context.get_abi_sizeof(ety)
+        W = _VEC_BYTES // esz if vec.literal_value else 1
+        vty = ir.VectorType(ety, W) if W > 1 else ety
+        sfx = (f"v{W}" if W > 1 else "") + f"f{aw.dtype.bitwidth}"
+        fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                                 f"llvm.fmuladd.{sfx}")
+
+        def splat(x):
+            if W == 1:
+                return x
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, _I32(0))
+            zeros = ir.Constant(ir.VectorType(_I32, W), [0] * W)
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+        D = builder.extract_value(wa.shape, 1)
+        N = builder.extract_value(ia.shape, 0)
+        ibits = ai.dtype.bitwidth
+
+        def index_at(j):
+            v = builder.load(builder.gep(ia.data, [j]))
+            if ibits < 64:
+                v = builder.sext(v, _I64) if ai.dtype.signed else builder.zext(v, _I64)
+            return v
+
+        def block_ptr(r):
+            return builder.gep(wa.data, [builder.add(builder.mul(r, D), vc0)])
+
+        def emit_loop(use_psw, exit_to):
+            """Sum loop; returns (header block, final accumulator phis). Branches to exit_to when done."""
+            pre = builder.block
+            hdr = builder.append_basic_block("fi.sum.hdr")
+            body = builder.append_basic_block("fi.sum.body")
+            add = builder.append_basic_block("fi.sum.add")
+            latch = builder.append_basic_block("fi.sum.latch")
+            builder.branch(hdr)
+            builder.position_at_end(hdr)
+            j = builder.phi(_I64)
+            acc = [builder.phi(vty) for _ in range(NV)]
+            j.add_incoming(vj0, pre)
+            for a in acc:
+                a.add_incoming(ir.Constant(vty, None), pre)
+            builder.cbranch(builder.icmp_signed("<", j, vj1), body, exit_to)
+            builder.position_at_end(body)
+            jp = builder.add(j, _I64(_PF))
+            with builder.if_then(builder.icmp_signed("<", jp, N), likely=True):
+                _emit_prefetch(builder, block_ptr(index_at(jp)), NV * W * esz)
+            r = index_at(j)
+            body_end = builder.block
+            builder.cbranch(builder.icmp_signed("==", r, vskip), latch, add)
+            builder.position_at_end(add)
+            base = block_ptr(r)
+            vp = builder.bitcast(base, vty.as_pointer())
+            s = splat(builder.load(builder.gep(pa.data, [j]))) if use_psw else None
+            new = []
+            for k in range(NV):
+                v = builder.load(builder.gep(vp, [_I64(k)]), align=esz)
+                new.append(builder.call(fmuladd, [s, v, acc[k]]) if use_psw else builder.fadd(acc[k], v))
+            builder.branch(latch)
+            builder.position_at_end(latch)
+            nxt = []
+            for k in range(NV):
+                p = builder.phi(vty)
+                p.add_incoming(acc[k], body_end)
+                p.add_incoming(new[k], add)
+                nxt.append(p)
+            j.add_incoming(builder.add(j, _I64(1)), latch)
+            for k in range(NV):
+                acc[k].add_incoming(nxt[k], latch)
+            builder.branch(hdr)
+            return hdr, acc
+
+        entry = builder.block
+        with_psw = builder.append_basic_block("fi.sum.psw")
+        plain = builder.append_basic_block("fi.sum.plain")
+        done = builder.append_basic_block("fi.sum.done")
+        builder.position_at_end(entry)
+        builder.cbranch(has, with_psw, plain)
+        builder.position_at_end(with_psw)
+        h1, acc1 = emit_loop(True, done)
+        builder.position_at_end(plain)
+        h2, acc2 = emit_loop(False, done)
+        builder.position_at_end(done)
+        final = []
+        for k in range(NV):
+            a = builder.phi(vty)
+            a.add_incoming(acc1[k], h1)
+            a.add_incoming(acc2[k], h2)
+            final.append(a)
+        sc = splat(context.cast(builder, args[7], ascale, aw.dtype))
+        Do = builder.extract_value(oa.shape, 1)
+        ovp = builder.bitcast(builder.gep(oa.data, [builder.add(builder.mul(vb, Do), vc0)]), vty.as_pointer())
+        for k in range(NV):
+            builder.store(builder.fmul(final[k], sc), builder.gep(ovp, [_I64(k)]), align=esz)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(parallel=True, cache=True)
-def _forward(w, idx, off, psw, has_psw, mode, skip, out, maxpos):
+def _forward_sum(w, idx, off, has_off, psw, has_psw, mean, skip, out):
+    """Modes sum and mean: out[b] = scale * sum of the bag's kept rows (times psw); scale = 1/count for mean."""
     B, D = out.shape
+    VW = _VEC_BYTES // w.itemsize
+    full = D // (_BLOCK * VW)
+    vecs = (D - full * _BLOCK * VW) // VW
+    cols = D - full * _BLOCK * VW - vecs * VW
     for b in prange(B):
-        start, end = off[b], off[b + 1]
-        if mode == 2:
-            anyv = False
-            for j in range(start, end):
-                r = idx[j]
-                if r == skip:
-                    continue
-                if not anyv:
-                    for d in range(D):
-                        out[b, d] = w[r, d]
-                        maxpos[b, d] = j
-                    anyv = True
-                else:
-                    for d in range(D):
-                        v = w[r, d]
-                        if v > out[b, d]:
-                            out[b, d] = v
-                            maxpos[b, d] = j
-            if not anyv:
-                for d in range(D):
-                    out[b, d] = 0
-                    maxpos[b, d] = -1
-            continue
-        for d in range(D):
-            out[b, d] = 0
-        count = 0
-        for j in range(start, end):
+        if has_off:
+            j0 = np.int64(off[b])
+            j1 = np.int64(off[b + 1])
+        else:
+            j0 = np.int64(b)
+            j1 = j0 + 1
+        scale = 1.0
+        if mean:
+            count = 0
+            for j in range(j0, j1):
+                if idx[j] != skip:
+                    count += 1
+            if count > 0:
+                scale = 1.0 / count
+        c = 0
+        for _ in range(full):
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 8, 1)
+            c += _BLOCK * VW
+        # the remaining columns: 4, 2, 1 vector registers, then 4, 2, 1 single columns
+        if vecs & 4:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 4, 1)
+            c += 4 * VW
+        if vecs & 2:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 2, 1)
+            c += 2 * VW
+        if vecs & 1:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 1, 1)
+            c += VW
+        if cols & 4:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 4, 0)
+            c += 4
+        if cols & 2:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 2, 0)
+            c += 2
+        if cols & 1:
+            _sum_block(w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c, 1, 0)
+
+
+@njit(parallel=True, cache=True)
+def _forward_max(w, idx, off, has_off, skip, out, maxpos):
+    """Mode max: out[b, d] = max over the bag's kept rows, maxpos[b, d] = its position (the first on ties);
+    an empty bag gives 0 and -1."""
+    B, D = out.shape
+    N = idx.shape[0]
+    for b in prange(B):
+        if has_off:
+            j0 = np.int64(off[b])
+            j1 = np.int64(off[b + 1])
+        else:
+            j0 = np.int64(b)
+            j1 = j0 + 1
+        o = out[b]
+        mp = maxpos[b]
+        anyv = False
+        for j in range(j0, j1):
+            if j + _PF < N:
+                _prefetch_row(w, idx[j + _PF])
             r = idx[j]
             if r == skip:
                 continue
-            count += 1
-            s = psw[j] if has_psw else 1.0
+            wr = w[r]
+            if not anyv:
+                for d in range(D):
+                    o[d] = wr[d]
+                    mp[d] = j
+                anyv = True
+            else:
+                for d in range(D):  # branch-free so that it vectorises; strict: the first maximum wins
+                    v = wr[d]
+                    cur = o[d]
+                    gt = v > cur
+                    o[d] = v if gt else cur
+                    mp[d] = j if gt else mp[d]
+        if not anyv:
             for d in range(D):
-                out[b, d] += s * w[r, d]
-        if mode == 1 and count > 0:
-            inv = 1.0 / count
-            for d in range(D):
-                out[b, d] *= inv
+                o[d] = 0
+                mp[d] = -1
 
 
 @njit(cache=True)
@@ -148,18 +373,38 @@ def _offsets(indices, offsets):
     return _np(offsets).astype(np.int64, copy=False)
 
 
+def _threads(work: int) -> int:
+    """numba threads for this call: torch's setting (as the C++ path), one for small calls (a parallel region
+    costs more than it saves below a few thousand rows, as in the C++ kernels)."""
+    if work < 2048:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+_NO_OFFSETS = np.zeros(1, dtype=np.int64)
+
+
 def forward(weight, indices, offsets, psw, mode, skip_idx):
-    V, D = weight.shape
+    D = weight.shape[1]
     B = indices.numel() if offsets is None else offsets.numel() - 1
     acc = acc_dtype(weight.dtype)
     out = torch.empty((B, D), dtype=acc)
-    maxpos = torch.empty((B, D) if mode == MODE_MAX else (0, 0), dtype=torch.long)
+    maxpos = torch.empty((B, D) if mode == MODE_MAX else (0,), dtype=torch.long)
+    if B == 0 or D == 0:
+        return out, maxpos
+    w = _np(weight.contiguous())  # the kernels index rows as w.data + r * D
+    idx = _np(indices.contiguous())
+    has_off = offsets is not None
+    # offsets in int64 (B + 1 values: cheap) halves the compiled variants; indices stay as they are
+    off = _np(offsets.to(torch.int64).contiguous()) if has_off else _NO_OFFSETS
+    numba.set_num_threads(_threads(indices.numel()))
+    if mode == MODE_MAX:
+        _forward_max(w, idx, off, has_off, skip_idx, _np(out), _np(maxpos))
+        return out, maxpos
     has = psw is not None
-    p = _np(psw) if has else np.zeros(1, dtype=_np(out).dtype)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _forward(_np(weight), _np(indices).astype(np.int64, copy=False), _offsets(indices, offsets), p, has, mode,
-             skip_idx, _np(out), _np(maxpos))
-    return out, (maxpos if mode == MODE_MAX else maxpos.reshape(0))
+    p = _np(psw.to(acc).contiguous()) if has else np.zeros(1, dtype=w.dtype)
+    _forward_sum(w, idx, off, has_off, p, has, mode == MODE_MEAN, skip_idx, _np(out))
+    return out, maxpos
 
 
 def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step):

@@ -12,7 +12,7 @@ stored state by the new events only, which is how `Session.append` stays O(new e
 Two families, with the same maths and the same weights (those of the run):
 * `FusedEngine` ("fastinterest"): `fastinterest.nn.EmbeddingLSTM` built from the model's tables and
   LSTM; in inference the first layer's input projection is folded into the tables, and `step` is one
-  fused kernel call;
+  fused kernel call (through `EmbeddingLSTM.step_fn()`, bound to the weights once at warm-up);
 * `TorchEngine` ("torch"): stock `torch.nn.Embedding` + `torch.nn.LSTM` (PackedSequence for `run`, a
   one-step sequence for `step`) — what a service built on stock PyTorch layers would do.
 
@@ -114,7 +114,7 @@ class FusedEngine:
         self.num_layers, self.hidden_size = lstm.num_layers, lstm.hidden_size
         weight = embeddings[0].weight
         self.device, self.dtype = weight.device, weight.dtype
-        self._tables = None  # set by warm_up()
+        self._step = None  # set by warm_up()
 
     @torch.no_grad()
     def run(self, ids, lengths, state=None):
@@ -126,35 +126,32 @@ class FusedEngine:
         _, (h, c) = self.net(list(ids), lengths, hx=state)
         return h, c
 
-    @torch.no_grad()
     def step(self, ids_t, state):
-        if self._tables is not None:
-            _, st = self.net.lstm._step(None, self._tables, state[0], state[1], ids=list(ids_t))
-        else:
-            _, st = self.net.step(list(ids_t), state)
-        return st
+        if self._step is not None:
+            return self._step(ids_t, state)
+        with torch.no_grad():
+            return self.net.step(list(ids_t), state)[1]
 
     def warm_up(self) -> None:
         """Build the module's caches once, then decide whether `step` may skip the per-call checks.
 
-        `EmbeddingLSTM.step` validates the ids and re-checks its cached (projected) weights on every call,
-        which costs more than the step itself for a few users. In serving the weights never change and the
-        ids come from the run's own vocabulary (always in range), so `step` keeps the projected tables and
-        calls the module's one-step kernel directly — only if that gives exactly what the public `step`
-        gives here; otherwise the public `step` is used."""
-        self._tables = None
+        `EmbeddingLSTM.step` validates its arguments, resolves the backend and re-checks its cached (projected)
+        weights on every call, which costs more than the step itself for a few users. In serving the weights
+        never change, so `step` calls the module's `step_fn()` (the same kernel, bound once to the weights) —
+        only if that gives exactly what the public `step` gives here; otherwise the public `step` is used."""
+        self._step = None
         ids = [torch.full((2, 3), 2, dtype=torch.long, device=self.device) for _ in FIELDS]
         h, c = self.run(ids, torch.tensor([3, 1]))
         ids_t = [torch.arange(2, 4, device=self.device) for _ in FIELDS]
-        _, (h_ref, c_ref) = self.net.step(ids_t, (h, c))
+        with torch.no_grad():
+            _, (h_ref, c_ref) = self.net.step(ids_t, (h, c))
         try:
-            tables = self.net._projected()[0] if self.net._use_projection() else None
-            if tables is not None:
-                _, (h_fast, c_fast) = self.net.lstm._step(None, tables, h, c, ids=ids_t)
-                if torch.equal(h_fast, h_ref) and torch.equal(c_fast, c_ref):
-                    self._tables = tables
-        except (AttributeError, TypeError, RuntimeError):  # the module's internals changed: public step
-            self._tables = None
+            fn = self.net.step_fn()
+            h_fast, c_fast = fn(ids_t, (h, c))
+            if torch.equal(h_fast, h_ref) and torch.equal(c_fast, c_ref):
+                self._step = fn
+        except (AttributeError, TypeError, RuntimeError):  # an older module, or its internals changed: public step
+            self._step = None
 
 
 def make_engine(model, layers: str = "fastinterest", backend: str | None = None):

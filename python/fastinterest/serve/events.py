@@ -167,32 +167,8 @@ class EventEncoder:
         timestamp) takes the shortest path; anything else goes through the general helpers."""
         if not isinstance(events, (list, tuple)):
             raise EventError(f"events must be a list of objects, got {type(events).__name__}")
-        rows = []
-        get_item, get_cat = self.index["item"].get, self.index["category"].get
-        get_action, get_platform = self.index["action"].get, self.index["platform"].get
-        lo, hi = self.min_time, self.max_time
-        for i, ev in enumerate(events):
-            if type(ev) is not dict and not isinstance(ev, Mapping):
-                raise EventError(f"event {i} must be an object, got {type(ev).__name__}")
-            platform, action, item, ts = ev.get("platform"), ev.get("action"), ev.get("item_id"), ev.get("timestamp")
-            platform = (platform if type(platform) is str else self._required(platform, "platform", i)).strip().lower()
-            action = (action if type(action) is str else self._required(action, "action", i)).strip().lower()
-            item = (item if type(item) is str else self._required(item, "item_id", i)).strip()
-            if not (platform and action and item):
-                missing = "platform" if not platform else "action" if not action else "item_id"
-                raise EventError(f"event {i}: missing {missing}")
-            if type(ts) is not int or not lo <= ts < hi:
-                ts = _timestamp(self._required(ts, "timestamp", i), i, lo, hi)
-            cat = ev.get("category")
-            if cat is None:
-                cat_id = PAD_ID
-            elif type(cat) is str and CATEGORY_SEPARATOR not in cat:
-                cat = cat.strip()
-                cat_id = get_cat(cat, UNK_ID) if cat else PAD_ID
-            else:
-                cat_id = self._category(cat, i)
-            rows.append((get_item(item, UNK_ID), cat_id, get_action(action, UNK_ID), get_platform(platform, UNK_ID),
-                         ts))
+        row = self._row
+        rows = [row(ev, i) for i, ev in enumerate(events)]
         table = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
         raw = tuple(events)
         t = table[:, 4]
@@ -201,6 +177,40 @@ class EventEncoder:
             table = table[order]
             raw = tuple(raw[int(j)] for j in order)
         return EncodedEvents(table, raw=raw)
+
+    def encode_many(self, lists: Sequence[Sequence[Mapping]]) -> list[EncodedEvents]:
+        """`encode` of each list (the same results and errors); when every list holds one event — an append
+        batch of single events — the events are encoded into one [n, 5] table and each result is a row of it."""
+        if not all(type(x) is list and len(x) == 1 for x in lists):
+            return [self.encode(x) for x in lists]
+        row = self._row
+        table = np.array([row(x[0], 0) for x in lists], dtype=np.int64).reshape(len(lists), 5)
+        return [EncodedEvents(table[i:i + 1], raw=(x[0],)) for i, x in enumerate(lists)]
+
+    def _row(self, ev, i: int) -> tuple:
+        """(item, category, action, platform, timestamp) of event number i (raises EventError)."""
+        if type(ev) is not dict and not isinstance(ev, Mapping):
+            raise EventError(f"event {i} must be an object, got {type(ev).__name__}")
+        index = self.index
+        platform, action, item, ts = ev.get("platform"), ev.get("action"), ev.get("item_id"), ev.get("timestamp")
+        platform = (platform if type(platform) is str else self._required(platform, "platform", i)).strip().lower()
+        action = (action if type(action) is str else self._required(action, "action", i)).strip().lower()
+        item = (item if type(item) is str else self._required(item, "item_id", i)).strip()
+        if not (platform and action and item):
+            missing = "platform" if not platform else "action" if not action else "item_id"
+            raise EventError(f"event {i}: missing {missing}")
+        if type(ts) is not int or not self.min_time <= ts < self.max_time:
+            ts = _timestamp(self._required(ts, "timestamp", i), i, self.min_time, self.max_time)
+        cat = ev.get("category")
+        if cat is None:
+            cat_id = PAD_ID
+        elif type(cat) is str and CATEGORY_SEPARATOR not in cat:
+            cat = cat.strip()
+            cat_id = index["category"].get(cat, UNK_ID) if cat else PAD_ID
+        else:
+            cat_id = self._category(cat, i)
+        return (index["item"].get(item, UNK_ID), cat_id, index["action"].get(action, UNK_ID),
+                index["platform"].get(platform, UNK_ID), ts)
 
     @staticmethod
     def _required(value, key: str, index: int):

@@ -202,6 +202,8 @@ class Session:
         self._item_id = {t: i for i, t in enumerate(self.item_tokens)}
         self._popularity()
         self._fast_user = self._check_fast_user()
+        self._fast_head = None
+        self._fast_head = self._check_fast_head()
 
         self._lock = threading.RLock()          # guards self.states (reads copy rows under it)
         self._append_lock = threading.Lock()    # one append batch at a time
@@ -312,6 +314,11 @@ class Session:
             return np.ascontiguousarray(h, np.float32)
         R, W = win_cat.shape
         C = self.model.num_categories
+        if R == 1:   # the same numbers with fewer numpy calls (one person: the request path)
+            cats = win_cat[0, : int(win_len[0])]
+            cats = cats[cats >= 2]
+            share = np.bincount(cats, minlength=C).astype(np.float32) / np.float32(max(len(cats), 1))
+            return np.concatenate([h, share[None]], axis=1)
         counted = (np.arange(W)[None, :] < win_len[:, None]) & (win_cat >= 2)
         rows = np.nonzero(counted)[0]
         counts = np.bincount(rows * C + win_cat[counted], minlength=R * C).reshape(R, C).astype(np.float32)
@@ -326,13 +333,47 @@ class Session:
         cats = rng.integers(0, C, (R, W))
         lens = np.minimum(np.asarray([0, 1, W // 2, W, W + 7]), W)
         try:
-            same = np.allclose(self._user_numpy(h, cats, lens), self._user_model(h, cats, lens), atol=1e-6)
+            ref = self._user_model(h, cats, lens)
+            same = np.allclose(self._user_numpy(h, cats, lens), ref, atol=1e-6) and all(
+                np.allclose(self._user_numpy(h[i:i + 1], cats[i:i + 1], lens[i:i + 1]), ref[i:i + 1], atol=1e-6)
+                for i in range(R))   # the one-row path too
         except Exception:  # noqa: BLE001 - any mismatch in shape or definition: use the model's code
             same = False
         if not same:
             warnings.warn("the model's user vector is not [h ; category shares]: serving computes it with the model "
                           "(slower per request)", stacklevel=3)
         return same
+
+    def _interest_probs(self, user: np.ndarray) -> np.ndarray:
+        """Interest probabilities [n, C] (float32) of user vectors [n, U]."""
+        if self._fast_head is not None:   # numpy: no torch dispatch for the few rows of a request
+            wt, b = self._fast_head
+            z = user @ wt
+            z += b
+            np.negative(z, out=z)
+            np.exp(z, out=z)
+            z += 1.0
+            return np.reciprocal(z, out=z)
+        with torch.no_grad():
+            return torch.sigmoid(self.model.interest_logits(self._tensor(user))).float().cpu().numpy()
+
+    def _check_fast_head(self):
+        """(W^T [U, C], b [C]) float32 numpy copies of the interest head, if the model's `interest_logits` is that
+        linear map on the CPU and numpy reproduces its probabilities; else None (the model's code runs)."""
+        head = getattr(self.model, "interest_head", None)
+        if self.device.type != "cpu" or not isinstance(head, torch.nn.Linear) or head.bias is None:
+            return None
+        fast = (np.ascontiguousarray(head.weight.detach().float().numpy().T), head.bias.detach().float().numpy().copy())
+        rng = np.random.default_rng(1)
+        user = rng.standard_normal((7, self.model.user_dim)).astype(np.float32)
+        with torch.no_grad():
+            ref = torch.sigmoid(self.model.interest_logits(torch.from_numpy(user))).float().numpy()
+        self._fast_head = fast
+        try:
+            same = np.allclose(self._interest_probs(user), ref, rtol=0, atol=1e-6)
+        finally:
+            self._fast_head = None
+        return fast if same else None
 
     def _tensor(self, a, dtype=torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)
@@ -385,16 +426,24 @@ class Session:
                 self.states.set_rows(rows, h, c, window, n, seq, user)
             self._synced_seq = max(self._synced_seq, max(rec.last_seq for rec in records))
 
-    def _subjects(self, persons, events) -> _Subjects:
-        """Resolve a batch of read requests: row i is persons[i] (a key) or events[i] (an inline history)."""
+    def _subjects(self, persons, events, need_window: bool = True) -> _Subjects:
+        """Resolve a batch of read requests: row i is persons[i] (a key) or events[i] (an inline history).
+
+        need_window=False: the caller reads only user vectors and counts, so known persons' windows are not
+        copied (`window` is then only filled for inline histories; recompute=True always fills it)."""
         if persons is None and events is None:
             raise ValueError("give persons or events")
         n = len(persons) if persons is not None else len(events)
         if persons is not None and events is not None and len(events) != n:
             raise ValueError(f"{len(persons)} persons but {len(events)} event lists")
         W = self.window
+        need_window = need_window or self.recompute or events is not None
+        if events is None and n and all(p is not None for p in persons):   # the usual read: persons by key
+            found = self._known_subjects([_person_key(p) for p in persons], need_window)
+            if found is not None:
+                return found
         user = np.zeros((n, self.states.user_dim), np.float32)
-        window = np.zeros((n, 4, W), np.int64)
+        window = np.zeros((n, 4, W) if need_window else (n, 4, 0), np.int64)
         n_events = np.zeros(n, np.int64)
         rows = np.full(n, -1, np.int64)
         keys: list = [None] * n
@@ -417,9 +466,16 @@ class Session:
                     r = st.index.get(key)
                     keys[i] = st.keys[r] if r is not None else key
                     rows[i] = -1 if r is None else r
-                idx = np.asarray([i for i, _ in lookups if rows[i] >= 0], np.int64)
-                r = rows[idx]
-                user[idx], window[idx], n_events[idx] = st.user[r], st.window[r], st.n_events[r]
+                if len(lookups) == n and rows.min(initial=0) >= 0:   # every row a known person
+                    user[:], n_events[:] = st.user[rows], st.n_events[rows]
+                    if need_window:
+                        window[:] = st.window[rows]
+                else:
+                    idx = np.asarray([i for i, _ in lookups if rows[i] >= 0], np.int64)
+                    r = rows[idx]
+                    user[idx], n_events[idx] = st.user[r], st.n_events[r]
+                    if need_window:
+                        window[idx] = st.window[r]
         win_len = np.minimum(n_events, W)
         if self.recompute and lookups:  # no sequence state: run the LSTM over each known person's window
             idx = np.flatnonzero((rows >= 0) & (n_events > 0))
@@ -434,9 +490,35 @@ class Session:
             user[idx] = self._run_windows(window[idx], lengths)[2]
         return _Subjects(user, window, n_events, rows, keys, n_events > 0, win_len)
 
+    def _known_subjects(self, keys: list[str], need_window: bool) -> _Subjects | None:
+        """`_subjects` when every key is a known person (None when one is not): the rows' states copied in one
+        gather each."""
+        self._sync()
+        with self._lock:
+            st = self.states
+            found = [st.index.get(key) for key in keys]
+            if None in found:
+                return None
+            rows = np.asarray(found, np.int64)
+            user, n_events = st.user[rows], st.n_events[rows]
+            window = st.window[rows].astype(np.int64) if need_window else np.zeros((len(keys), 4, 0), np.int64)
+            skeys = st.keys
+            keys = [skeys[r] for r in found]
+        win_len = np.minimum(n_events, self.window)
+        known = n_events > 0
+        if self.recompute:  # no sequence state: run the LSTM over each known person's window
+            idx = np.flatnonzero(known)
+            if len(idx):
+                user[idx] = self._run_windows(window[idx], win_len[idx])[2]
+        return _Subjects(user, window, n_events, rows, keys, known, win_len)
+
     @staticmethod
     def _ks(k, n: int) -> list[int]:
-        ks = list(k) if isinstance(k, (list, tuple, np.ndarray)) else [k] * n
+        if not isinstance(k, (list, tuple, np.ndarray)):   # one k for every row: check it once
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise ValueError(f"k must be a positive integer, got {k!r}")
+            return [int(k)] * n
+        ks = list(k)
         if len(ks) != n:
             raise ValueError(f"{len(ks)} values of k for {n} requests")
         for v in ks:
@@ -460,22 +542,23 @@ class Session:
         return self.interests_batch(None if person is None else [person], events=None if events is None else [events],
                                     k=k)[0]
 
-    @torch.no_grad()
     def interests_batch(self, persons=None, *, events=None, k=10) -> list[dict]:
         """Batch form of `interests`: persons[i] or events[i] per row (the other None); k an int or a list."""
-        subj = self._subjects(persons, events)
+        subj = self._subjects(persons, events, need_window=False)
         n = len(subj.rows)
         ks = self._ks(k, n)
         # every row through the head (cold rows are answered from popularity below)
-        probs = torch.sigmoid(self.model.interest_logits(self._tensor(subj.user))).float().cpu().numpy()
+        probs = self._interest_probs(subj.user)
         probs[:, :2] = -np.inf
         idx, vals = _top_k(probs, max(ks))
         idx, vals, is_known, n_events = idx.tolist(), vals.tolist(), subj.known.tolist(), subj.n_events.tolist()
         tokens = self.category_tokens
+        k0 = len(idx[0]) if n else 0
         out = []
         for i in range(n):
             if is_known[i]:
-                top = [{"category": tokens[c], "probability": p} for c, p in zip(idx[i][: ks[i]], vals[i][: ks[i]])]
+                ids, ps = (idx[i], vals[i]) if ks[i] == k0 else (idx[i][: ks[i]], vals[i][: ks[i]])
+                top = [{"category": tokens[c], "probability": p} for c, p in zip(ids, ps)]
             else:
                 top = [dict(x) for x in self._cat_pop_answer[: ks[i]]]
             out.append({"person": subj.keys[i], "source": "model" if is_known[i] else "popularity",
@@ -628,14 +711,16 @@ class Session:
         {"person", "appended", "n_events"} once the events are durable."""
         return self.append_batch([person], [events])[0]
 
-    @torch.no_grad()
     def append_batch(self, persons: Sequence, events: Sequence) -> list[dict]:
         """Batch form of `append` (one durable transaction for the whole batch). A person may appear several
         times; their events are applied in list order. Nothing is applied if any input is invalid."""
         if len(persons) != len(events):
             raise ValueError(f"{len(persons)} persons but {len(events)} event lists")
         keys = [_person_key(p) for p in persons]
-        encoded = [self.encode_events(e) for e in events]
+        if all(type(e) is list and len(e) == 1 for e in events):   # single raw events: one table for the batch
+            encoded = self.encoder.encode_many(events)
+        else:
+            encoded = [self.encode_events(e) for e in events]
         for i, e in enumerate(encoded):
             if not len(e):
                 raise EventError(f"append {i}: no events to append")
@@ -657,61 +742,104 @@ class Session:
 
     def _advance(self, keys: list[str], encoded: list[EncodedEvents]) -> _PendingAppend:
         """Compute the new states of the persons in `keys` after their new events (nothing is changed yet)."""
-        W = self.window
-        L, H = self.engine.num_layers, self.engine.hidden_size
         with self._lock:
             st = self.states
-            # 1. one row per person (canonical key), their requests in order
-            canon = []
-            for key in keys:
-                r = st.index.get(key)
-                canon.append(st.keys[r] if r is not None else key)
-            groups: dict[str, list[int]] = {}
-            for i, key in enumerate(canon):
-                groups.setdefault(key, []).append(i)
-            people = list(groups)
-            B = len(people)
-            # 2. their current states (zeros for persons seen for the first time)
+            rows = [st.index.get(key) for key in keys]
+            # the request path of `append`: known persons, each once, one new event each
+            if None not in rows and len(set(rows)) == len(rows) and all(e.table.shape[0] == 1 for e in encoded):
+                return self._advance_single([st.keys[r] for r in rows], rows, encoded)
+            canon = [st.keys[r] if r is not None else key for r, key in zip(rows, keys)]
+        return self._advance_general(canon, encoded)
+
+    def _advance_single(self, people: list[str], rows: list[int], encoded: list[EncodedEvents]) -> _PendingAppend:
+        """`_advance` of known, distinct persons by one event each: one step of the LSTM, and as few numpy and
+        torch calls as the batch allows (they, not the arithmetic, are the cost for a few persons).
+        Called with self._lock held; the states are copied out under it."""
+        st, W, B = self.states, self.window, len(people)
+        r = np.asarray(rows, np.int64)
+        h0, c0, window, n0 = st.h[r], st.c[r], st.window[r], st.n_events[r]
+        table = encoded[0].table if B == 1 else np.concatenate([e.table for e in encoded])   # [B, 5]
+        counts = np.ones(B, np.int64)
+        if self.recompute:  # the stateless baseline keeps no LSTM state
+            h_np, c_np = h0, c0
+        else:
+            h, c = self._step(table, h0, c0)
+            h_np, c_np = h.transpose(1, 0, 2), c.transpose(1, 0, 2)   # [B, L, H] views
+        # slide the windows: write the event after the last one, or shift a full window left
+        if B == 1:
+            n = int(n0[0])
+            if n >= W:
+                window[0, :, :-1] = window[0, :, 1:]
+                n = W - 1
+            window[0, :, n] = table[0, :4]
+        else:
+            full = n0 >= W
+            if full.any():
+                window[full, :, :-1] = window[full, :, 1:]
+            window[np.arange(B), :, np.minimum(n0, W - 1)] = table[:, :4]
+        n1 = n0 + 1
+        user = self._user_vectors(h_np[:, -1], window[:, CATEGORY], n1)
+        results = [{"person": key, "appended": 1, "n_events": n} for key, n in zip(people, n1.tolist())]
+        return _PendingAppend(people, [[e] for e in encoded], counts, h_np, c_np, window, n1, user, results)
+
+    def _step(self, table: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One LSTM step from states h0, c0 [B, L, H] by the events table [B, 5] -> (h, c) [L, B, H] float32."""
+        dev = self.device
+        h = torch.from_numpy(np.ascontiguousarray(h0.transpose(1, 0, 2)))
+        c = torch.from_numpy(np.ascontiguousarray(c0.transpose(1, 0, 2)))
+        ids = [torch.from_numpy(table[:, j]) for j in range(4)]   # [B] strided views of the table's columns
+        if dev.type != "cpu":
+            h, c, ids = h.to(dev), c.to(dev), [t.to(dev) for t in ids]
+        h, c = self.engine.step(ids, (h, c))
+        if h.device.type != "cpu" or h.dtype != torch.float32:
+            h, c = h.float().cpu(), c.float().cpu()
+        return h.numpy(), c.numpy()
+
+    def _advance_general(self, canon: list[str], encoded: list[EncodedEvents]) -> _PendingAppend:
+        """`_advance` of any batch: persons repeated or new, any number of events each."""
+        W = self.window
+        L, H = self.engine.num_layers, self.engine.hidden_size
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(canon):
+            groups.setdefault(key, []).append(i)
+        people = list(groups)
+        B = len(people)
+        with self._lock:
+            st = self.states
+            # their current states (zeros for persons seen for the first time)
             rows = np.asarray([st.index.get(key, -1) for key in people], np.int64)
             have = np.flatnonzero(rows >= 0)
-            h0 = np.zeros((L, B, H), np.float32)
-            c0 = np.zeros((L, B, H), np.float32)
+            h0 = np.zeros((B, L, H), np.float32)
+            c0 = np.zeros((B, L, H), np.float32)
             window = np.zeros((B, 4, W), np.int32)
             n0 = np.zeros(B, np.int64)
             if len(have):
                 r = rows[have]
-                h0[:, have], c0[:, have] = st.h[r].transpose(1, 0, 2), st.c[r].transpose(1, 0, 2)
-                window[have], n0[have] = st.window[r], st.n_events[r]
-        # 3. the new events as [B, 4, T] ids, then the LSTM over them only (from the stored states)
+                h0[have], c0[have], window[have], n0[have] = st.h[r], st.c[r], st.window[r], st.n_events[r]
+        # the new events as [B, 4, T] ids, then the LSTM over them only (from the stored states)
         new = [[encoded[i] for i in groups[key]] for key in people]
         counts = np.asarray([sum(len(e) for e in evs) for evs in new], np.int64)
         ids = _ids_matrix(new, counts)
         if self.recompute:  # the stateless baseline keeps no LSTM state
-            h_np, c_np = h0.transpose(1, 0, 2), c0.transpose(1, 0, 2)
+            h_np, c_np = h0, c0
+        elif ids.shape[2] == 1:
+            h, c = self._step(np.ascontiguousarray(ids[:, :, 0]), h0, c0)
+            h_np, c_np = h.transpose(1, 0, 2), c.transpose(1, 0, 2)
         else:
-            state = (torch.from_numpy(h0).to(self.device), torch.from_numpy(c0).to(self.device))
-            if ids.shape[2] == 1:
-                h, c = self.engine.step([torch.from_numpy(ids[:, j, 0]).to(self.device) for j in range(4)], state)
-            else:
-                h, c = self.engine.run([torch.from_numpy(ids[:, j]).to(self.device) for j in range(4)],
-                                       torch.from_numpy(counts), state)
+            dev = self.device
+            state = (torch.from_numpy(np.ascontiguousarray(h0.transpose(1, 0, 2))).to(dev),
+                     torch.from_numpy(np.ascontiguousarray(c0.transpose(1, 0, 2))).to(dev))
+            h, c = self.engine.run([torch.from_numpy(ids[:, j]).to(dev) for j in range(4)],
+                                   torch.from_numpy(counts), state)
             h_np, c_np = h.transpose(0, 1).float().cpu().numpy(), c.transpose(0, 1).float().cpu().numpy()
-        # 4. slide the windows (the last W events, left-aligned) and derive the new user vectors
+        # slide the windows (the last W events, left-aligned) and derive the new user vectors
         n1 = n0 + counts
-        if ids.shape[2] == 1:  # one event per person: write it after the last one, or shift a full window
-            full = n0 >= W
-            free = np.flatnonzero(~full)
-            window[free, :, n0[free]] = ids[free, :, 0]
-            if full.any():
-                window[full, :, :-1] = window[full, :, 1:]
-                window[full, :, -1] = ids[full, :, 0]
-        else:
-            for b in range(B):
-                valid, k = int(min(n0[b], W)), int(counts[b])
-                if valid + k <= W:
-                    window[b, :, valid:valid + k] = ids[b, :, :k]
-                else:
-                    window[b] = np.concatenate([window[b, :, :valid], ids[b, :, :k]], axis=1)[:, -W:]
+        for b in range(B):
+            valid, k = int(min(n0[b], W)), int(counts[b])
+            if valid + k <= W:
+                window[b, :, valid:valid + k] = ids[b, :, :k]
+            else:
+                window[b] = np.concatenate([window[b, :, :valid], ids[b, :, :k]], axis=1)[:, -W:]
         user = self._user_vectors(h_np[:, -1], window[:, CATEGORY], n1)
         # one answer per request: the person's event count after that request's events
         seen = {key: int(n0[b]) for b, key in enumerate(people)}
@@ -719,8 +847,7 @@ class Session:
         for i, key in enumerate(canon):
             seen[key] += len(encoded[i])
             results.append({"person": key, "appended": len(encoded[i]), "n_events": seen[key]})
-        return _PendingAppend(people, new, counts, np.ascontiguousarray(h_np), np.ascontiguousarray(c_np), window, n1,
-                              user, results)
+        return _PendingAppend(people, new, counts, h_np, c_np, window, n1, user, results)
 
     def _publish(self, p: _PendingAppend) -> None:
         """Make computed (and, with a store, committed) states visible to readers."""
@@ -728,7 +855,9 @@ class Session:
             rows = np.asarray([self.states.add(key) for key in p.people], np.int64)
             # a newer state of the same person pulled from another process meanwhile wins
             newer = p.last_seq > self.states.last_seq[rows]
-            if newer.any():
+            if newer.all():   # the usual case
+                self.states.set_rows(rows, p.h, p.c, p.window, p.n_events, p.last_seq, p.user)
+            elif newer.any():
                 self.states.set_rows(rows[newer], p.h[newer], p.c[newer], p.window[newer], p.n_events[newer],
                                      p.last_seq[newer], p.user[newer])
             if self.store is not None:

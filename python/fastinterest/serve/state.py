@@ -120,7 +120,7 @@ class PersonStates:
         self.h[rows], self.c[rows], self.window[rows] = h, c, window
         self.n_events[rows], self.last_seq[rows] = n_events, last_seq
         self.user[rows] = user
-        norms = np.linalg.norm(user, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("ij,ij->i", user, user))[:, None]
         self.unit[rows] = user / np.maximum(norms, 1e-12)
 
     def known_rows(self) -> np.ndarray:
