@@ -201,6 +201,67 @@ def test_inference_parity_with_torch(cfg, B, dtype):
         _close(of, rf.detach(), dtype, f"{backend} full-length output")
 
 
+@pytest.fixture
+def blas_for_every_batch():
+    """Route every float32 recurrence of the C++ backend through the BLAS path (normally only batches
+    of >= 32 sequences take it), and restore the setting afterwards."""
+    from fastinterest import _ext
+    from fastinterest.backends import ext_lstm
+
+    if _ext.cpu_reason() is not None or not hasattr(_ext.cpu(), "lstm_blas"):
+        pytest.skip("no C++ LSTM kernels")
+    fn, rows = _ext.cpu().lstm_blas()
+    if not fn:
+        fn = ext_lstm._torch_sgemm()
+    if not fn:
+        pytest.skip("torch exports no sgemm_ here")
+    _ext.cpu().lstm_set_sgemm(fn, 1)
+    yield
+    _ext.cpu().lstm_set_sgemm(fn, rows)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c[0]}-{'bi' if c[1] else 'uni'}-{'bf' if c[2] else 'tf'}-"
+                                                        f"{'hx' if c[3] else 'nohx'}-H{c[4]}")
+def test_blas_path_parity(blas_for_every_batch, cfg):
+    """The BLAS recurrence (sgemm per step + fused pointwise) against torch: outputs, states and every
+    gradient (the training forward feeds the BPTT workspaces), lengths with zeros, and the no-grad
+    stack and EmbeddingLSTM (projected tables) paths."""
+    num_layers, bidir, bf, with_hx, H = cfg
+    torch.manual_seed(9)
+    E, B, T = 13, 6, 7
+    ref = torch.nn.LSTM(E, H, num_layers=num_layers, batch_first=bf, bidirectional=bidir)
+    m = LSTM.from_torch(ref, backend="ext")
+    x = torch.randn((B, T, E) if bf else (T, B, E))
+    lengths = torch.tensor([5, 7, 0, 1, 7, 3])
+    L = num_layers * (2 if bidir else 1)
+    hx = (torch.randn(L, B, H), torch.randn(L, B, H)) if with_hx else None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, bf)
+    o, (h, c) = m(x2, hx, lengths=lengths)
+    for a, b_, w in ((o, ro, "output"), (h, rh, "h_n"), (c, rc, "c_n")):
+        _close(a, b_.detach(), torch.float32, w)
+    _loss(ro, rh, rc).backward()
+    _loss(o, h, c).backward()
+    _close(x2.grad, x1.grad, torch.float32, "grad input", grad=True)
+    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
+        _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
+    with torch.no_grad():
+        o2, (h2, c2) = m(x, hx, lengths=lengths)
+    _close(o2, ro.detach(), torch.float32, "no-grad output")
+    _close(c2, rc.detach(), torch.float32, "no-grad c_n")
+    # EmbeddingLSTM inference: projected tables (two fields) through the BLAS path
+    emb = [torch.nn.Embedding(30, E), torch.nn.Embedding(4, E)]
+    if not bidir and bf:
+        el = EmbeddingLSTM.from_torch(emb, ref)
+        ids = [torch.randint(0, 30, (B, T)), torch.randint(0, 4, (B, T))]
+        xe = emb[0](ids[0]) + emb[1](ids[1])
+        re, (rhe, rce) = _torch_reference(ref, xe.detach(), lengths, hx, bf)
+        with torch.no_grad():
+            oe, (he, ce) = el(ids, lengths, hx)
+        _close(oe, re, torch.float32, "EmbeddingLSTM output")
+        _close(he, rhe, torch.float32, "EmbeddingLSTM h_n")
+
+
 @pytest.mark.parametrize("backend", BACKENDS64)
 def test_gradcheck_float64(backend):
     torch.manual_seed(2)

@@ -292,12 +292,48 @@ std::pair<int64_t, int64_t> build_plan(const int64_t* lengths, int64_t B, int64_
   return {offsets[T], maxlen};
 }
 
+// The BLAS for the float32 recurrence (see forward_gemm in lstm_avx2.cpp): the address of a Fortran
+// sgemm_ (Python hands over the one inside torch's own library), and the smallest batch it is used
+// for (below it the register-blocked tiles win). Tunable: lstm_set_sgemm / FASTINTEREST_LSTM_GEMM_MIN_ROWS.
+void*& sgemm_ptr() {
+  static void* p = nullptr;
+  return p;
+}
+int64_t& gemm_min_rows() {
+  static int64_t v = 32;
+  return v;
+}
+
+// Fill the BLAS fields of a float32 forward when that path applies (a no-op for float64).
+template <typename T>
+void use_blas(FwdArgs<T>& a, std::uintptr_t whh_raw, std::uintptr_t wih_raw, std::vector<T>& xbuf) {
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t n0 = a.plan->maxlen > 0 ? a.plan->batch_sizes[0] : 0;
+    if (!sgemm_ptr() || !whh_raw || n0 < gemm_min_rows() || (a.in.x.ptr && !wih_raw)) return;
+#ifdef FI_HAVE_AVX2_TU
+    if (!(cpu_has_avx2() && avx2_compiled())) return;
+#else
+    return;
+#endif
+    a.sgemm = sgemm_ptr();
+    a.whh_raw = ptr<const T>(whh_raw);
+    if (a.in.x.ptr) {
+      a.wih_raw = ptr<const T>(wih_raw);
+      xbuf.resize(static_cast<size_t>(std::max<int64_t>(a.plan->B, 1) * a.in.E));
+      a.xbuf = xbuf.data();
+    }
+  } else {
+    (void)a, (void)whh_raw, (void)wih_raw, (void)xbuf;
+  }
+}
+
 template <typename T>
 void run_forward(FwdArgs<T>& a) {
 #ifdef FI_HAVE_AVX2_TU
   if constexpr (std::is_same<T, float>::value) {
     if (cpu_has_avx2() && avx2_compiled()) {
-      forward_avx2(a);
+      if (a.sgemm) forward_gemm_avx2(a);
+      else forward_avx2(a);
       return;
     }
   }
@@ -382,10 +418,12 @@ void forward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d,
                   const std::optional<MatDesc>& x, int64_t E, std::uintptr_t wih_packed, std::uintptr_t bias,
                   const std::vector<TableDesc>& tables, std::uintptr_t whh_packed, std::uintptr_t h0,
                   std::uintptr_t c0, const MatDesc& out, bool zero_padding, std::uintptr_t gates_ws,
-                  std::uintptr_t c_ws, std::uintptr_t h_n, std::uintptr_t c_n) {
+                  std::uintptr_t c_ws, std::uintptr_t h_n, std::uintptr_t c_n, std::uintptr_t whh_raw,
+                  std::uintptr_t wih_raw) {
   PlanOwner po(plan_d);
   Plan& pl = po.pl;
   std::vector<T> scratch(static_cast<size_t>(fwd_scratch_numel(pl.B, H)));
+  std::vector<T> xbuf;
   FwdArgs<T> a;
   a.plan = &pl;
   a.scratch = scratch.data();
@@ -402,6 +440,7 @@ void forward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d,
   a.c_ws = c_ws ? ptr<T>(c_ws) : nullptr;
   a.h_n = h_n ? ptr<T>(h_n) : nullptr;
   a.c_n = c_n ? ptr<T>(c_n) : nullptr;
+  use_blas<T>(a, whh_raw, wih_raw, xbuf);
   py::gil_scoped_release nogil;
   run_forward<T>(a);
 }
@@ -512,7 +551,8 @@ void infer_impl(int nthreads, int64_t B, int64_t Tlen, int64_t H, int64_t num_la
                 const std::vector<std::vector<TableDesc>>& tables, const std::vector<std::uintptr_t>& whh,
                 const std::vector<std::uintptr_t>& wih, const std::vector<std::uintptr_t>& bias, std::uintptr_t h0,
                 std::uintptr_t c0, const MatDesc& out, std::uintptr_t h_n, std::uintptr_t c_n,
-                int64_t project_below) {
+                int64_t project_below, const std::vector<std::uintptr_t>& whh_raw,
+                const std::vector<std::uintptr_t>& wih_raw) {
   const size_t K = static_cast<size_t>(num_layers * dirs);
   if (H <= 0 || num_layers <= 0 || (dirs != 1 && dirs != 2) || B < 0 || Tlen < 0)
     throw std::invalid_argument("fastinterest lstm_infer: bad sizes");
@@ -561,6 +601,10 @@ void infer_impl(int nthreads, int64_t B, int64_t Tlen, int64_t H, int64_t num_la
       fill_input<T>(in, std::nullopt, std::nullopt, 0, 0, 0, tables[d], H, &pl);
     }
   }
+  if ((!whh_raw.empty() && whh_raw.size() != K) || (!wih_raw.empty() && wih_raw.size() != K))
+    throw std::invalid_argument("fastinterest lstm_infer: raw weight lists must be empty or have num_layers * dirs "
+                                "entries");
+  std::vector<T> xbuf;
   const int nthr = std::max(1, nthreads);
   py::gil_scoped_release nogil;
   for (int64_t layer = 0; layer < num_layers; ++layer) {
@@ -630,6 +674,7 @@ void infer_impl(int nthreads, int64_t B, int64_t Tlen, int64_t H, int64_t num_la
       }
       a.h_n = h_n ? ptr<T>(h_n) + k * BH : nullptr;
       a.c_n = c_n ? ptr<T>(c_n) + k * BH : nullptr;
+      if (!whh_raw.empty()) use_blas<T>(a, whh_raw[k], wih_raw.empty() ? 0 : wih_raw[k], xbuf);
       run_forward<T>(a);
     }
   }
@@ -687,20 +732,20 @@ W_ih with K = E), dst [lstm_packed_numel('fwd', H, K)]. kind 'bwd': w = W_hh [4H
            const std::optional<MatDesc>& x, int64_t E, std::uintptr_t wih_packed, std::uintptr_t bias,
            const std::vector<TableDesc>& tables, std::uintptr_t whh_packed, std::uintptr_t h0, std::uintptr_t c0,
            const MatDesc& out, bool zero_padding, std::uintptr_t gates_ws, std::uintptr_t c_ws, std::uintptr_t h_n,
-           std::uintptr_t c_n) {
+           std::uintptr_t c_n, std::uintptr_t whh_raw, std::uintptr_t wih_raw) {
           check_dtype(dtype);
           if (H <= 0) throw std::invalid_argument("fastinterest lstm_forward: hidden size must be positive");
           if (dtype == 0)
             forward_impl<float>(nthreads, H, reverse, plan, xproj, x, E, wih_packed, bias, tables, whh_packed, h0, c0,
-                                out, zero_padding, gates_ws, c_ws, h_n, c_n);
+                                out, zero_padding, gates_ws, c_ws, h_n, c_n, whh_raw, wih_raw);
           else
             forward_impl<double>(nthreads, H, reverse, plan, xproj, x, E, wih_packed, bias, tables, whh_packed, h0,
-                                 c0, out, zero_padding, gates_ws, c_ws, h_n, c_n);
+                                 c0, out, zero_padding, gates_ws, c_ws, h_n, c_n, whh_raw, wih_raw);
         },
         py::arg("dtype"), py::arg("nthreads"), py::arg("H"), py::arg("reverse"), py::arg("plan"), py::arg("xproj"),
         py::arg("x"), py::arg("E"), py::arg("wih_packed"), py::arg("bias"), py::arg("tables"), py::arg("whh_packed"),
         py::arg("h0"), py::arg("c0"), py::arg("out"), py::arg("zero_padding"), py::arg("gates_ws"), py::arg("c_ws"),
-        py::arg("h_n"), py::arg("c_n"),
+        py::arg("h_n"), py::arg("c_n"), py::arg("whh_raw") = 0, py::arg("wih_raw") = 0,
         R"doc(Whole-sequence forward of one direction of one layer (the recurrence, fused with the gates).
 plan: (lengths [B] int64, perm [B], batch_sizes [T], offsets [T+1], B, T) from lstm_plan.
 Gate input, exactly one of: xproj (ptr, ld, sb, st, padded): x W_ih^T + b_ih + b_hh, 4H columns;
@@ -711,7 +756,9 @@ A matrix descriptor (ptr, ld, sb, st, padded) addresses packed row r at ptr + r*
 whh_packed: 'fwd' panels of W_hh [4H, H]. h0, c0: [B, H] batch order, or 0 for zeros.
 out: h of every valid step (H columns). zero_padding: with a padded out, write zeros at t >= L_b.
 gates_ws [N, 4H] (activated i, f, g, o) and c_ws [N, H], packed rows, for the backward (0 = skip).
-h_n, c_n: [B, H] batch order, state after each sequence's last step (h0/c0 for length 0), or 0.)doc");
+h_n, c_n: [B, H] batch order, state after each sequence's last step (h0/c0 for length 0), or 0.
+whh_raw, wih_raw: W_hh [4H, H] / W_ih [4H, E] row-major, or 0: with them (float32) batches of at least
+the BLAS threshold run the recurrence through the BLAS set by lstm_set_sgemm.)doc");
 
   m.def("lstm_backward",
         [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan, const std::optional<MatDesc>& grad_out,
@@ -761,19 +808,21 @@ or 0, h_in/c_in [B, H] before the step, h_out/c_out [B, H] after (distinct from 
            std::uintptr_t lengths, const std::optional<MatDesc>& x, int64_t E,
            const std::vector<std::vector<TableDesc>>& tables, const std::vector<std::uintptr_t>& whh_packed,
            const std::vector<std::uintptr_t>& wih_packed, const std::vector<std::uintptr_t>& bias, std::uintptr_t h0,
-           std::uintptr_t c0, const MatDesc& out, std::uintptr_t h_n, std::uintptr_t c_n, int64_t project_below) {
+           std::uintptr_t c0, const MatDesc& out, std::uintptr_t h_n, std::uintptr_t c_n, int64_t project_below,
+           const std::vector<std::uintptr_t>& whh_raw, const std::vector<std::uintptr_t>& wih_raw) {
           check_dtype(dtype);
           if (dtype == 0)
             infer_impl<float>(nthreads, B, T, H, num_layers, dirs, batch_first, lengths, x, E, tables, whh_packed,
-                              wih_packed, bias, h0, c0, out, h_n, c_n, project_below);
+                              wih_packed, bias, h0, c0, out, h_n, c_n, project_below, whh_raw, wih_raw);
           else
             infer_impl<double>(nthreads, B, T, H, num_layers, dirs, batch_first, lengths, x, E, tables, whh_packed,
-                               wih_packed, bias, h0, c0, out, h_n, c_n, project_below);
+                               wih_packed, bias, h0, c0, out, h_n, c_n, project_below, whh_raw, wih_raw);
         },
         py::arg("dtype"), py::arg("nthreads"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("num_layers"),
         py::arg("dirs"), py::arg("batch_first"), py::arg("lengths"), py::arg("x"), py::arg("E"), py::arg("tables"),
         py::arg("whh_packed"), py::arg("wih_packed"), py::arg("bias"), py::arg("h0"), py::arg("c0"), py::arg("out"),
-        py::arg("h_n"), py::arg("c_n"), py::arg("project_below"),
+        py::arg("h_n"), py::arg("c_n"), py::arg("project_below"), py::arg("whh_raw") = std::vector<std::uintptr_t>{},
+        py::arg("wih_raw") = std::vector<std::uintptr_t>{},
         R"doc(Whole-sequence inference of a stack (num_layers x dirs) in one call. lengths: [B] int64 batch
 order, or 0 for all T. Input: x (padded descriptor of [*, E] rows) or tables (per direction, a list of
 (table [V, 4H], V, ids ptr, ids_is_int64, stride_b, stride_t)) for layer 0. Per layer*dirs + d:
@@ -814,6 +863,31 @@ input first (x mode).)doc");
         R"doc(Input projection of one direction for every valid step at once: out [N, ldo] (4H columns, packed
 rows) = x W_ih^T + bias, x a descriptor (packed rows or padded, E columns), wih_packed the 'fwd'
 panels of W_ih [4H, E], bias [4H] or 0. A register-blocked GEMM over all rows (for tiny batches).)doc");
+
+  m.def("lstm_set_sgemm",
+        [](std::uintptr_t fn, int64_t min_rows) {
+          if (fn) {  // self-test on a 2x3x2 product before trusting the address
+            const float A[4] = {1, 2, 3, 4};          // W [m=2, k=2] row-major
+            const float Bm[6] = {5, 6, 7, 8, 9, 10};  // h: n=3 rows of k=2
+            float C[6] = {1, 1, 1, 1, 1, 1};          // [n=3, m=2] row-major, beta = 1
+            const int64_t m2 = 2, n3 = 3, k2 = 2;
+            const float one = 1.0f;
+            using fn_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                                  const float*, const int*, const float*, const int*, const float*, float*, const int*);
+            reinterpret_cast<fn_t>(fn)("T", "N", reinterpret_cast<const int*>(&m2), reinterpret_cast<const int*>(&n3),
+                                       reinterpret_cast<const int*>(&k2), &one, A, reinterpret_cast<const int*>(&k2),
+                                       Bm, reinterpret_cast<const int*>(&k2), &one, C,
+                                       reinterpret_cast<const int*>(&m2));
+            const float want[6] = {18, 40, 24, 54, 30, 68};
+            for (int i = 0; i < 6; ++i)
+              if (C[i] != want[i]) throw std::runtime_error("fastinterest lstm_set_sgemm: the sgemm self-test failed");
+          }
+          sgemm_ptr() = reinterpret_cast<void*>(fn);
+          if (min_rows > 0) gemm_min_rows() = min_rows;
+        },
+        py::arg("fn"), py::arg("min_rows") = 0,
+        "Use the Fortran sgemm_ at address fn (0: none) for float32 recurrences of at least min_rows sequences.");
+  m.def("lstm_blas", []() { return py::make_tuple(reinterpret_cast<std::uintptr_t>(sgemm_ptr()), gemm_min_rows()); });
 
   m.def("lstm_set_unit_split_min", [](int64_t macs) { unit_split_min_macs() = macs; }, py::arg("macs"),
         "Multiply-adds per step from which a tiny batch splits hidden units across threads (barrier per step).");

@@ -117,6 +117,12 @@ struct FwdArgs {
   T* c_n = nullptr;                // [B, H] batch order
   T* scratch = nullptr;            // fwd_scratch_numel(B, H): h double buffer, c, table gather, from the caller
   T* gbuf = nullptr;               // set by the driver: [B, 4H] summed table rows of the current step
+  // BLAS path (float32, batches of at least gemm_min_rows()): per step one sgemm G += h W_hh^T over
+  // the active rows (and G += x W_ih^T in x mode), then the fused gate pointwise. Set by the caller.
+  void* sgemm = nullptr;           // Fortran sgemm_ (the BLAS torch ships), or null: the tile kernels
+  const T* whh_raw = nullptr;      // W_hh [4H, H] row-major (torch's layout)
+  const T* wih_raw = nullptr;      // W_ih [4H, E] row-major (x mode)
+  T* xbuf = nullptr;               // [B, E] (x mode): the step's input rows, gathered
 };
 
 template <typename T>
@@ -206,6 +212,9 @@ struct TileRows {
   int64_t t[8];
 };
 
+template <typename T>
+void forward_epilogue(FwdArgs<T>& a, const T* cS, int64_t ldst);
+
 // ---------------------------------------------------------------- forward driver
 // Policy P provides, for element type T:
 //   static constexpr int MR;                  // max rows per tile
@@ -294,7 +303,14 @@ void forward_driver(FwdArgs<T>& a) {
       if (!row_split) barrier(nthr);
     }
   });
-  // Final states and padding.
+  forward_epilogue(a, cS, ldst);
+}
+
+// Final states (h_n, c_n) and zero padding, after the recurrence; cS = the c state per position.
+template <typename T>
+void forward_epilogue(FwdArgs<T>& a, const T* cS, int64_t ldst) {
+  const Plan& pl = *a.plan;
+  const int64_t H = a.H, B = pl.B;
   for (int64_t p = 0; p < B; ++p) {
     const int64_t b = pl.perm[p], L = pl.Ls[p];
     if (a.h_n) {
@@ -445,6 +461,7 @@ bool avx2_compiled();
 void forward_avx2(FwdArgs<float>& a);
 void backward_avx2(BwdArgs<float>& a);
 void projection_avx2(ProjArgs<float>& a);
+void forward_gemm_avx2(FwdArgs<float>& a);
 
 }  // namespace lstm
 }  // namespace fi

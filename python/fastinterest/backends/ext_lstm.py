@@ -44,6 +44,48 @@ def _configure_from_env() -> None:
 _configure_from_env()
 
 
+def _torch_sgemm() -> int:
+    """Address of the Fortran sgemm_ inside torch's own CPU library (MKL in the x86 wheels), or 0."""
+    import ctypes
+    import os
+
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value or 0
+            except (OSError, AttributeError):
+                return 0
+    return 0
+
+
+def _configure_blas() -> None:
+    """Hand torch's BLAS to the C++ recurrence (float32 batches of >= min_rows sequences); the kernel
+    self-tests it first. FASTINTEREST_LSTM_BLAS=0 keeps the register-blocked tiles everywhere."""
+    import os
+
+    if _ext.cpu_reason() is not None or not hasattr(_ext.cpu(), "lstm_set_sgemm"):
+        return
+    if os.environ.get("FASTINTEREST_LSTM_BLAS", "1") == "0":
+        _ext.cpu().lstm_set_sgemm(0)
+        return
+    fn = _torch_sgemm()
+    if fn:
+        try:
+            _ext.cpu().lstm_set_sgemm(fn, int(os.environ.get("FASTINTEREST_LSTM_GEMM_MIN_ROWS", "0")))
+        except RuntimeError:
+            _ext.cpu().lstm_set_sgemm(0)
+
+
+_configure_blas()
+
+
+def _raw(w: Tensor) -> int:
+    """Address of a row-major weight for the BLAS path, or 0 (not contiguous)."""
+    return w.data_ptr() if w.is_contiguous() else 0
+
+
 # ---------------------------------------------------------------- CPU workspace pool
 class WorkspacePool:
     """Reuses large CPU workspaces across calls.
@@ -202,13 +244,15 @@ class ExtKernel:
         if x_in is not None:
             wi = self.pack(w_ih, "fwd", H)
             b = bias.detach().contiguous() if bias is not None else None
+            wih = w_ih.detach()
             self.m.lstm_forward(DTYPE_CODES[x_in.dtype], torch.get_num_threads(), H, reverse, plan.desc, None,
                                 _mat(x_in), x_in.shape[-1], wi.data_ptr(), _p(b), [], wp.data_ptr(), _p(h0), _p(c0),
-                                _mat(out), zero_padding, _p(gates_ws), _p(c_ws), _p(h_n), _p(c_n))
+                                _mat(out), zero_padding, _p(gates_ws), _p(c_ws), _p(h_n), _p(c_n),
+                                whh_raw=_raw(whh), wih_raw=_raw(wih))
             return
         self.m.lstm_forward(DTYPE_CODES[xproj.dtype], torch.get_num_threads(), H, reverse, plan.desc, _mat(xproj),
                             None, 0, 0, 0, [], wp.data_ptr(), _p(h0), _p(c0), _mat(out), zero_padding, _p(gates_ws),
-                            _p(c_ws), _p(h_n), _p(c_n))
+                            _p(c_ws), _p(h_n), _p(c_n), whh_raw=_raw(whh))
 
     def backward(self, plan: Plan, H: int, reverse: bool, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, h0, c0,
                  whh: Tensor, dgates, hprev, dh0, dc0):
@@ -591,15 +635,17 @@ def infer(x: Optional[Tensor], tables, ids_bt, lengths: Optional[Tensor], B: int
     m.lstm_infer(DTYPE_CODES[dtype], torch.get_num_threads(), B, T, H, num_layers, dirs, batch_first,
                  _p(lengths), x_desc, E, tabs, ptrs[0], ptrs[1], ptrs[2], _p(h0), _p(c0),
                  (outv.data_ptr(), 0, outv.stride(0), outv.stride(1), True), h_n.data_ptr(), c_n.data_ptr(),
-                 _PROJECT_FIRST_BELOW)
+                 _PROJECT_FIRST_BELOW, ptrs[4], ptrs[5])
     return out, (h_n, c_n)
 
 
-def serving_pointers(packed_whh: List[Tensor], packed_x) -> tuple:
+def serving_pointers(packed_whh: List[Tensor], packed_x, whh: List[Tensor], wih: List[Tensor]) -> tuple:
     """Per-(layer, direction) pointer lists for `step` and `infer` (computed once per weight version by the
-    module); the last entry keeps the packed tensors alive as long as the pointers are held."""
+    module): packed W_hh, packed W_ih, folded biases, the tensors kept alive while the pointers are
+    held, and the row-major W_hh / W_ih for the BLAS path."""
     return ([p.data_ptr() for p in packed_whh], [p[0].data_ptr() for p in packed_x],
-            [0 if p[1] is None else p[1].data_ptr() for p in packed_x], (packed_whh, packed_x))
+            [0 if p[1] is None else p[1].data_ptr() for p in packed_x], (packed_whh, packed_x, whh, wih),
+            [_raw(w) for w in whh], [_raw(w) for w in wih])
 
 
 def step(x_t: Optional[Tensor], tables, ids, h: Tensor, c: Tensor, ptrs: tuple, H: int):

@@ -269,7 +269,12 @@ class LSTM(nn.Module):
         from ..backends import ext_lstm
 
         cache = self._packs.setdefault("serving", _Cache())
-        return cache.get(self._flat_weights, lambda: ext_lstm.serving_pointers(self._packed_whh(), self._packed_x()))
+        w = self._flat_weights
+        per = 4 if self.bias else 2
+        n = self.num_layers * self.num_directions
+        return cache.get(w, lambda: ext_lstm.serving_pointers(
+            self._packed_whh(), self._packed_x(), [w[k * per + 1].detach() for k in range(n)],
+            [w[k * per].detach() for k in range(n)]))
 
     def _infer_ext(self, x: Optional[Tensor], tables, lengths: Optional[Tensor], h0, c0, ids_bt=None,
                    B: Optional[int] = None, T: Optional[int] = None, dtype=None):
