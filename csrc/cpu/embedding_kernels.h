@@ -106,9 +106,9 @@ inline __m256 load8(const bf16_t* p) {
 }
 
 template <int NV, typename W, typename I>
-inline void sum_block(const W* __restrict weight, int64_t D, int64_t c0, const I* __restrict idx, int64_t start,
-                      int64_t end, int64_t N, const float* __restrict psw, int64_t skip, float scale,
-                      float* __restrict out) {
+inline void sum_block(const W* __restrict weight, int64_t V, int64_t D, int64_t c0, const I* __restrict idx,
+                      int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip, float scale,
+                      float* __restrict out, bool& bad) {
   constexpr int64_t PF = 12;
   __m256 acc[NV];
 #pragma GCC unroll 8
@@ -120,6 +120,10 @@ inline void sum_block(const W* __restrict weight, int64_t D, int64_t c0, const I
       for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 3);  // T0: ~5% faster than T2 here
     }
     const int64_t r = static_cast<int64_t>(idx[j]);
+    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {  // validated here, never read
+      bad = true;
+      continue;
+    }
     if (r == skip) continue;
     const W* row = weight + r * D + c0;
     if (psw) {
@@ -136,10 +140,11 @@ inline void sum_block(const W* __restrict weight, int64_t D, int64_t c0, const I
   for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + c0 + 8 * k, _mm256_mul_ps(acc[k], sc));
 }
 
-// out[0..D) for one bag; returns false when this path does not apply (double tables)
+// out[0..D) for one bag; returns false when this path does not apply (double tables). Sets `bad` (and
+// reads no row for it) when an index is outside [0, V).
 template <typename W, typename A, typename I>
-inline bool bag_sum_simd(const W* weight, int64_t D, const I* idx, int64_t start, int64_t end, int64_t N,
-                         const A* psw, int64_t skip, bool mean, A* out) {
+inline bool bag_sum_simd(const W* weight, int64_t V, int64_t D, const I* idx, int64_t start, int64_t end,
+                         int64_t N, const A* psw, int64_t skip, bool mean, A* out, bool& bad) {
   if constexpr (!std::is_same<A, float>::value) {
     return false;
   } else {
@@ -148,15 +153,15 @@ inline bool bag_sum_simd(const W* weight, int64_t D, const I* idx, int64_t start
       for (int64_t j = start; j < end; ++j) count += static_cast<int64_t>(idx[j]) != skip;
     const float scale = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
     int64_t c0 = 0;
-    for (; c0 + 64 <= D; c0 += 64) sum_block<8>(weight, D, c0, idx, start, end, N, psw, skip, scale, out);
+    for (; c0 + 64 <= D; c0 += 64) sum_block<8>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad);
     switch ((D - c0) / 8) {
-      case 7: sum_block<7>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 6: sum_block<6>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 5: sum_block<5>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 4: sum_block<4>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 3: sum_block<3>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 2: sum_block<2>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
-      case 1: sum_block<1>(weight, D, c0, idx, start, end, N, psw, skip, scale, out); break;
+      case 7: sum_block<7>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 6: sum_block<6>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 5: sum_block<5>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 4: sum_block<4>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 3: sum_block<3>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 2: sum_block<2>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
+      case 1: sum_block<1>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
       default: break;
     }
     c0 += (D - c0) / 8 * 8;
@@ -164,6 +169,10 @@ inline bool bag_sum_simd(const W* weight, int64_t D, const I* idx, int64_t start
       for (int64_t d = c0; d < D; ++d) out[d] = 0.0f;
       for (int64_t j = start; j < end; ++j) {
         const int64_t r = static_cast<int64_t>(idx[j]);
+        if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {
+          bad = true;
+          continue;
+        }
         if (r == skip) continue;
         const float s = psw ? psw[j] : 1.0f;
         for (int64_t d = c0; d < D; ++d) out[d] += s * load<W, float>(weight + r * D + d);
@@ -204,6 +213,20 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
       const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
       A* o = out + b * D;
       bool ok = start >= 0 && start <= end && end <= N;
+#ifdef FI_SIMD_AVX2
+      // the float sum/mean path checks each index as it reads it (one fewer pass over the bag)
+      if (ok && mode != static_cast<int>(Mode::kMax)) {
+        bool badrow = false;
+        if (bag_sum_simd<W, A, I>(weight, V, D, idx, start, end, N, psw, skip_idx,
+                                  mode == static_cast<int>(Mode::kMean), o, badrow)) {
+          if (badrow) {
+            bad = true;
+            for (int64_t d = 0; d < D; ++d) o[d] = A(0);
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t j = start; ok && j < end; ++j) {
         const int64_t r = static_cast<int64_t>(idx[j]);
         ok = r >= 0 && r < V;
@@ -246,11 +269,6 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
           }
         continue;
       }
-#ifdef FI_SIMD_AVX2
-      if (bag_sum_simd<W, A, I>(weight, D, idx, start, end, N, psw, skip_idx,
-                                mode == static_cast<int>(Mode::kMean), o))
-        continue;
-#endif
       std::fill(acc, acc + D, A(0));
       int64_t count = 0;
       for (int64_t j = start; j < end; ++j) {
