@@ -410,6 +410,57 @@ int64_t bag_backward(const A* grad_out, W* weight, const I* idx, const O* off, c
                      const int64_t* maxpos, A* s1, A* s2, int64_t* step, int64_t* out_rows, A* out_vals, A* dense,
                      const BackwardArgs& a) {
   const int64_t D = a.D, N = a.N, B = a.B;
+  // Plain SGD on full-precision rows needs no grouping: each thread owns a range of rows and applies,
+  // in position order, w[r] += -lr * s_j * grad_out[bag(j)] for the occurrences j of its rows. Each
+  // row is updated by one thread in position order, so the result is bitwise identical for any thread
+  // count; it equals torch.optim.SGD on the coalesced gradient up to rounding (w - a - b for
+  // w - (a + b)). grad_out is read in bag order (sequentially), not once per sorted occurrence, and the
+  // row sort disappears. (Half-precision rows keep the grouped path: one rounding per row, not per
+  // occurrence.)
+  if constexpr (std::is_same<W, A>::value) {
+    if (a.opt == static_cast<int>(Opt::kSGD) && a.mode != static_cast<int>(Mode::kMax)) {
+      const A nlr = static_cast<A>(-a.hp[0]);
+      const bool mean = a.mode == static_cast<int>(Mode::kMean);
+      const int nt = threads_for(N, a.nthreads);
+      constexpr int64_t PF = 8;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+      {
+#ifdef FI_HAVE_OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        const int64_t lo = a.V * t / T, hi = a.V * (t + 1) / T;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
+          const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
+          A scale = A(1);
+          if (mean) {
+            int64_t count = 0;
+            for (int64_t j = start; j < end; ++j) count += static_cast<int64_t>(idx[j]) != a.skip_idx;
+            if (count > 0) scale = A(1) / static_cast<A>(count);
+          }
+          const A* __restrict go = grad_out + b * D;
+          for (int64_t j = start; j < end; ++j) {
+            if (j + PF < N) {
+              const int64_t rn = static_cast<int64_t>(idx[j + PF]);
+              if (rn >= lo && rn < hi) {
+                const char* wp = reinterpret_cast<const char*>(weight + rn * D);
+                for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(W)); o += 64) __builtin_prefetch(wp + o, 1, 3);
+              }
+            }
+            const int64_t r = static_cast<int64_t>(idx[j]);
+            if (r < lo || r >= hi || r == a.skip_idx) continue;
+            const A sj = nlr * (psw ? psw[j] * scale : scale);
+            W* __restrict w = weight + r * D;
+#pragma GCC ivdep
+            for (int64_t d = 0; d < D; ++d) w[d] += sj * go[d];
+          }
+        }
+      }
+      return 0;
+    }
+  }
   // bag of each position and the per-bag scale (mean: 1 / number of kept elements)
   std::vector<uint32_t> bag_of(static_cast<size_t>(N));
   std::vector<A> bag_scale(static_cast<size_t>(B), A(1));
