@@ -28,7 +28,8 @@ keep-alive clients (`--clients`, 32) for a bounded time per scenario:
 
 Then, in process (no HTTP): append one event + interests with our Session, against the stateless
 stock-torch Session (the append only records the event; interests recompute the 51-event history),
-for one person per call and for 32.
+for one person per call and for 32, with the appends kept in memory and with both sessions committing
+them to a SQLite state file (`--inproc-state`). `--inproc-only` runs just this part (about a minute).
 
 Results (requests/s, p50/p95/p99 latency, errors, ratios from the same run) go to
 benchmarks/results/<device_tag()>/serve.{md,json} and are printed. The load generator is a small asyncio
@@ -258,14 +259,24 @@ def seed_histories(port: int, persons: list[str], vocab: dict, n: int = 50) -> N
 
 
 # ---------------------------------------------------------------------------- in-process: append vs recompute
-def append_vs_recompute(run: Path, vocab: dict, repeats: int) -> list[dict]:
+def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = False) -> list[dict]:
     """append(1 event) + interests: our Session (LSTM state, fused step) against the stateless stock-torch
-    Session (records the event, recomputes the person's 51-event history for interests)."""
+    Session (records the event, recomputes the person's 51-event history for interests). durable=True: both
+    sessions keep their appends in a SQLite state file (WAL, synchronous=NORMAL: every append is one
+    committed transaction before it returns), else in memory only."""
     import numpy as np
     from fastinterest.serve import Session
 
-    ours = Session(run, state=":memory:", layers="fastinterest", prepared=False)
-    stock = Session(run, state=":memory:", layers="torch", prepared=False, recompute=True)
+    states = {"fastinterest": ":memory:", "torch": ":memory:"}
+    if durable:
+        tmp = ROOT / "runs" / "bench-serve" / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        states = {name: tmp / f"inproc-{name}.sqlite3" for name in states}
+        for path in states.values():
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+    ours = Session(run, state=states["fastinterest"], layers="fastinterest", prepared=False)
+    stock = Session(run, state=states["torch"], layers="torch", prepared=False, recompute=True)
     rows = []
     for B in (1, 32):
         # every call gets persons with exactly 50 events so far (fresh ones each repeat), so that the
@@ -281,13 +292,16 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int) -> list[dict]:
         news = [[dict(history(vocab, 1, seed=10_000 + r * B + i)[0], timestamp=T0 + 60 * 50) for i in range(B)]
                 for r in range(repeats)]
         timings = {"fastinterest": [], "torch": []}
+        cpu = {"fastinterest": [], "torch": []}   # CPU time of the calling process: what load from elsewhere on a
+                                                   # shared machine inflates far less than the wall clock
         answers = {}
         for r in range(repeats):
             for name, s in (("fastinterest", ours), ("torch", stock)):   # interleaved: same machine conditions
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 s.append_batch(persons[r], [[e] for e in news[r]])
                 answers[name] = s.interests_batch(persons[r], k=10)
                 timings[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
             for a, b in zip(answers["fastinterest"], answers["torch"]):   # the same answers
                 assert [x["category"] for x in a["interests"]] == [x["category"] for x in b["interests"]]
                 assert np.allclose([x["probability"] for x in a["interests"]],
@@ -295,19 +309,29 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int) -> list[dict]:
         for name, label in (("fastinterest", "fastinterest: append(1) = step, interests from the state"),
                             ("torch", "torch: append(1) recorded, interests recompute 51 events")):
             t = sorted(timings[name])
-            rows.append({"persons": B, "variant": name, "method": label, "median_ms": 1e3 * statistics.median(t),
-                         "min_ms": 1e3 * t[0], "p95_ms": 1e3 * t[int(0.95 * (len(t) - 1))], "calls": len(t)})
+            rows.append({"persons": B, "variant": name, "method": label, "state": "sqlite" if durable else "memory",
+                         "median_ms": 1e3 * statistics.median(t),
+                         "min_ms": 1e3 * t[0], "p95_ms": 1e3 * t[int(0.95 * (len(t) - 1))], "calls": len(t),
+                         "cpu_median_ms": 1e3 * statistics.median(cpu[name])})
     ours.close(), stock.close()
     return rows
 
 
+def inproc_rows(run: Path, vocab: dict, args) -> list[dict]:
+    rows = []
+    for durable in {"memory": [False], "sqlite": [True], "both": [False, True]}[args.inproc_state]:
+        rows += append_vs_recompute(run, vocab, args.repeats, durable)
+    return rows
+
+
 def print_inproc(rows: list[dict]) -> None:
-    stock = {r["persons"]: r for r in rows if r["variant"] == "torch"}
+    stock = {(r["state"], r["persons"]): r for r in rows if r["variant"] == "torch"}
     for r in rows:
-        base = stock[r["persons"]]
-        print(f"in-process {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
-              f"min {r['min_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  x torch: median {base['median_ms'] / r['median_ms']:.1f}"
-              f"  min {base['min_ms'] / r['min_ms']:.1f}", flush=True)
+        base = stock[r["state"], r["persons"]]
+        print(f"in-process [{r['state']}] {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
+              f"min {r['min_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  cpu median {r['cpu_median_ms']:.3f} ms  x torch: "
+              f"median {base['median_ms'] / r['median_ms']:.1f}  min {base['min_ms'] / r['min_ms']:.1f}  "
+              f"cpu median {base['cpu_median_ms'] / r['cpu_median_ms']:.1f}", flush=True)
 
 
 # ---------------------------------------------------------------------------- main
@@ -328,6 +352,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=100, help="in-process append-vs-recompute repeats")
     ap.add_argument("--inproc-only", action="store_true",
                     help="only the in-process append-vs-recompute part (no HTTP servers); prints, writes nothing")
+    ap.add_argument("--inproc-state", choices=["memory", "sqlite", "both"], default="both",
+                    help="where the in-process sessions keep appends: in memory, in a SQLite state file (durable, "
+                         "as the service), or both (default)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     setup_threads(1)
@@ -336,7 +363,7 @@ def main(argv=None) -> int:
     run = args.run or build_run(ROOT / "runs" / "bench-serve")
     vocab = json.loads((run / "vocab.json").read_text())
     if args.inproc_only:
-        print_inproc(append_vs_recompute(run, vocab, args.repeats))
+        print_inproc(inproc_rows(run, vocab, args))
         return 0
     C = args.clients
     persons = [f"h50-{i}" for i in range(args.persons)]
@@ -379,7 +406,7 @@ def main(argv=None) -> int:
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
-    inproc = append_vs_recompute(run, vocab, args.repeats)
+    inproc = inproc_rows(run, vocab, args)
     print_inproc(inproc)
     args.load_after = os.getloadavg()[0]
     write(results, inproc, args, run)
@@ -412,14 +439,18 @@ def write(results: list[dict], inproc: list[dict], args, run: Path) -> None:
         lines.append(f"| {r['scenario']} | {r['variant']} | {r['rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['errors']} | {ratio:.2f} |")
     lines += ["", ("append one event + interests, in process (Session, no HTTP; both timed interleaved, "
-                   f"{args.repeats} calls each; the minimum is the least disturbed by other load):"), "",
-              "| persons per call | method | median ms | min ms | p95 ms | x torch (median) | x torch (min) |",
-              "|---|---|---|---|---|---|---|"]
-    stock = {r["persons"]: r for r in inproc if r["variant"] == "torch"}
+                   f"{args.repeats} calls each; the minimum is the least disturbed by other load; cpu = CPU time of "
+                   "the process, which load from elsewhere inflates far less than the wall clock; state: appends "
+                   "kept in memory, or committed to a SQLite state file before append returns):"), "",
+              ("| state | persons per call | method | median ms | min ms | p95 ms | cpu median ms | x torch (median) | "
+               "x torch (min) | x torch (cpu median) |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    stock = {(r["state"], r["persons"]): r for r in inproc if r["variant"] == "torch"}
     for r in inproc:
-        base = stock[r["persons"]]
-        lines.append(f"| {r['persons']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['p95_ms']:.3f} | "
-                     f"{base['median_ms'] / r['median_ms']:.1f} | {base['min_ms'] / r['min_ms']:.1f} |")
+        base = stock[r["state"], r["persons"]]
+        lines.append(f"| {r['state']} | {r['persons']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+                     f"{r['p95_ms']:.3f} | {r['cpu_median_ms']:.3f} | {base['median_ms'] / r['median_ms']:.1f} | "
+                     f"{base['min_ms'] / r['min_ms']:.1f} | {base['cpu_median_ms'] / r['cpu_median_ms']:.1f} |")
     md = "\n".join(lines) + "\n"
     (out / "serve.md").write_text(md)
     (out / "serve.json").write_text(json.dumps({"http": results, "in_process": inproc, "command": cmd,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -421,6 +422,174 @@ def test_appends_are_durable_and_restart_restores_the_same_state(trained, tmp_pa
     again.close(), other.close(), ref.close()
     with pytest.raises(StateMismatch, match="another run"):
         Session(trained / "run", state=path, max_len=WINDOW + 1)
+
+
+def _state_arrays(s, keys):
+    """Copies of the in-memory state rows of `keys`: (h, c, window, n_events, last_seq, user)."""
+    st = s.states
+    rows = np.asarray([st.row(k) for k in keys])
+    return (st.h[rows].copy(), st.c[rows].copy(), st.window[rows].copy(), st.n_events[rows].copy(),
+            st.last_seq[rows].copy(), st.user[rows].copy())
+
+
+def _single_event_rounds(s, persons, rounds, seed):
+    """Append one event to each of `persons` per call (the request path of `append`), `rounds` times."""
+    for r in range(rounds):
+        batch = some_events(s, len(persons), seed=seed + r, t0=T0 + 10_000 * (r + 1))
+        s.append_batch(persons, [[e] for e in batch])
+
+
+def test_single_event_path_equals_the_general_path(trained):
+    """Appending one event to known, distinct persons (the per-request fast path: one step, the windows and
+    user vectors by `fastpath`, preallocated step inputs) gives what the general path gives."""
+    fast = Session(trained / "run", state=":memory:")
+    general = Session(trained / "run", state=":memory:")
+    general._fp = None                      # every append through `_advance_general`
+    st = fast.states
+    long_rows = [r for r in st.known_rows() if st.n_events[r] >= WINDOW][:3]   # full windows: they slide
+    short_rows = [r for r in st.known_rows() if 0 < st.n_events[r] < WINDOW - 5][:3]
+    persons = [st.keys[r] for r in long_rows + short_rows]
+    assert len(long_rows) == 3 and len(short_rows) == 3
+    for s in (fast, general):
+        s.append("new-person", some_events(s, 2, seed=3))   # a new person: general path in both
+        _single_event_rounds(s, persons + ["new-person"], 7, seed=40)
+        _single_event_rounds(s, persons[:1], 2, seed=60)    # B = 1
+    keys = persons + ["new-person"]
+    a, b = _state_arrays(fast, keys), _state_arrays(general, keys)
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), a, b):
+        if name == "user":
+            np.testing.assert_allclose(x, y, atol=1e-6)
+        else:
+            assert np.array_equal(x, y), name
+    for f in ("interests_batch", "recommend_batch", "similar_batch"):
+        for x, y in zip(getattr(fast, f)(keys, k=5), getattr(general, f)(keys, k=5)):
+            assert_same_answer(x, y, atol=1e-6)
+    # the unit vectors (`similar`) are derived lazily from the user vectors the appends wrote
+    P = st.size
+    unit = st.unit[:P]
+    norms = np.linalg.norm(st.user[:P], axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, st.user[:P] / np.maximum(norms, 1e-12), atol=1e-6)
+    fast.close(), general.close()
+
+
+def test_compiled_fastpath_equals_numpy(trained, monkeypatch):
+    """The numba functions of `fastpath` (gather, windows + user vectors, scatter, interest head + top k) give
+    what their numpy forms give; FASTINTEREST_SERVE_NUMBA=0 switches them off."""
+    from fastinterest.serve import fastpath
+
+    pytest.importorskip("numba")
+    compiled = Session(trained / "run", state=":memory:")
+    assert compiled._fp.name == "numba" and compiled._head_topk is not None
+    monkeypatch.setenv("FASTINTEREST_SERVE_NUMBA", "0")
+    plain = Session(trained / "run", state=":memory:")
+    assert plain._fp is fastpath.NUMPY and plain._head_topk is None
+    st = compiled.states
+    persons = [st.keys[r] for r in st.known_rows()[:9]]
+    for s in (compiled, plain):
+        _single_event_rounds(s, persons, 2 * WINDOW, seed=70)   # every window fills and slides
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), _state_arrays(compiled, persons),
+                          _state_arrays(plain, persons)):
+        assert np.array_equal(x, y), name
+    for k in (1, 5, 100):   # k above the number of categories: every category, pad and unk last
+        for x, y in zip(compiled.interests_batch(persons + ["cold"], k=k), plain.interests_batch(persons + ["cold"], k=k)):
+            assert_same_answer(x, y, atol=1e-6)
+    compiled.close(), plain.close()
+
+
+def test_in_memory_state_equals_the_persisted_state_after_restart(trained, tmp_path):
+    """Every state the appends leave in memory (the fast path included) is the one a restart loads from disk."""
+    path = tmp_path / "state.sqlite3"
+    s = Session(trained / "run", state=path)
+    st = s.states
+    persons = [st.keys[r] for r in st.known_rows()[:5]]
+    s.append("fresh", some_events(s, 3, seed=80))
+    _single_event_rounds(s, persons + ["fresh"], WINDOW + 4, seed=90)
+    s.append_batch(persons[:2], [some_events(s, 2, seed=99, t0=T0 + 10**7)] * 2)   # several events at once
+    keys = persons + ["fresh"]
+    before = _state_arrays(s, keys)
+    answers = s.interests_batch(keys, k=5)
+    s.close()
+    again = Session(trained / "run", state=path)
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), before, _state_arrays(again, keys)):
+        assert np.array_equal(x, y), name   # bit for bit (the user vector is recomputed from the stored state)
+    assert again.interests_batch(keys, k=5) == answers
+    assert again.store.count_events() == 3 + (WINDOW + 4) * 6 + 4
+    again.close()
+
+
+def test_a_restart_without_checkpoint_replays_the_log(trained, tmp_path):
+    """The states are checkpointed behind the log: a process that dies without closing (kill -9) leaves every
+    acknowledged event in the log, and the next start replays the events after the last checkpoint."""
+    path = tmp_path / "state.sqlite3"
+    s = Session(trained / "run", state=path, checkpoint_every=25)   # a checkpoint every 25 events or so
+    st = s.states
+    persons = [st.keys[r] for r in st.known_rows()[:4]]
+    s.append("fresh", some_events(s, 3, seed=5))
+    _single_event_rounds(s, persons + ["fresh"], 13, seed=7)
+    s.append_batch([persons[0], "fresh", persons[0]], [some_events(s, 2, seed=8, t0=T0 + 10**7)] * 3)
+    assert 0 < s.store.watermark() < s.store.count_events()   # checkpoints were written, the tail was not
+    keys = persons + ["fresh"]
+    before = _state_arrays(s, keys)
+    answers = s.interests_batch(keys, k=5)
+    # the file as a kill -9 leaves it (copied while `s` is idle): the last checkpoint and the whole log
+    crash = tmp_path / "crash.sqlite3"
+    for suffix in ("", "-wal"):
+        shutil.copyfile(str(path) + suffix, str(crash) + suffix)
+    s.close()   # the checkpoint at close: the next start loads every state as it was, bit for bit
+    assert s.store is None
+    again = Session(trained / "run", state=path)
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), before, _state_arrays(again, keys)):
+        assert np.array_equal(x, y), name
+    again.close()
+    crashed = Session(trained / "run", state=crash)   # replays the events after the last checkpoint
+    after = _state_arrays(crashed, keys)
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), before, after):
+        if name in ("h", "c", "user"):   # replayed in other batches than the appends ran in
+            np.testing.assert_allclose(y, x, atol=1e-6, err_msg=name)
+        else:
+            assert np.array_equal(x, y), name
+    for a, b in zip(crashed.interests_batch(keys, k=5), answers):
+        assert_same_answer(a, b, atol=1e-6)
+    assert crashed.store.count_events() == 3 + 13 * 5 + 6
+    crashed.close()
+
+
+def test_engine_step_equals_the_module_step(session):
+    """The serving step (`EmbeddingLSTM.step_fn`, bound once) = the public `step`: ids as strided columns of an
+    events table, and ids out of range raise."""
+    engine = session.engine
+    if engine.name != "fastinterest":
+        pytest.skip("stock torch layers: no fused step")
+    L, H = engine.num_layers, engine.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(L, 5, H, generator=gen)
+    c = torch.randn(L, 5, H, generator=gen)
+    table = torch.stack([torch.randint(0, getattr(session.model.encoder.embeddings, f).num_embeddings, (5,),
+                                       generator=gen) for f in ("item", "category", "action", "platform")] +
+                        [torch.zeros(5, dtype=torch.long)], dim=1)   # [5, 5]: columns are strided views
+    ids = [table[:, j] for j in range(4)]
+    with torch.no_grad():
+        _, (h_ref, c_ref) = engine.net.step([t.contiguous() for t in ids], (h, c))
+    h_new, c_new = engine.step(ids, (h, c))
+    assert torch.equal(h_new, h_ref) and torch.equal(c_new, c_ref)
+    bad = table.clone()
+    bad[2, 0] = session.model.encoder.embeddings.item.num_embeddings
+    with pytest.raises(IndexError):
+        engine.step([bad[:, j] for j in range(4)], (h, c))
+
+
+def test_encode_many_equals_encode(session):
+    items, cats = vocab_tokens(session, "item"), vocab_tokens(session, "category")
+    lists = [[ev(items[i], T0 + i, cats[i % len(cats)], action=" Click ", platform="SHOP")] for i in range(5)]
+    lists.append([ev("not-in-vocab", T0, None)])
+    many = session.encoder.encode_many(lists)
+    for got, evs in zip(many, lists):
+        want = session.encoder.encode(evs)
+        assert np.array_equal(got.table, want.table) and got.raw == want.raw
+    mixed = lists[:2] + [some_events(session, 3)]   # not one event each: per-list encode
+    assert [len(e) for e in session.encoder.encode_many(mixed)] == [1, 1, 3]
+    with pytest.raises(EventError, match="event 0: missing platform"):
+        session.encoder.encode_many([[ev(items[0], T0)], [{"action": "view", "item_id": "x", "timestamp": T0}]])
 
 
 def test_session_input_errors(session):

@@ -3,7 +3,8 @@
 `LSTM` takes torch.nn.LSTM's constructor, parameter names, state_dict and forward (padded tensor or
 PackedSequence in, the same out), plus the fast path `forward(x, hx=None, lengths=...)` on a padded
 batch with per-sequence lengths (any order, zeros allowed; outputs past a length are zero; h_n/c_n
-are the state at each sequence's last valid step) and `step(x_t, (h, c))` for serving.
+are the state at each sequence's last valid step) and `step(x_t, (h, c))` for serving
+(`EmbeddingLSTM.step_fn()`: the same step bound once to the weights, for a serving loop).
 
 `EmbeddingLSTM` sums one embedding per id field (item, category, action, ...) per event and runs the
 LSTM over the events. In inference the first layer's input projection is folded into the tables

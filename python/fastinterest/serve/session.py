@@ -14,8 +14,10 @@ What a person is
 At load, every person of the run's prepared data set gets a state: the LSTM run over their last
 `max_len` events (the run's window), keyed by pseudonym (and by the prepared numeric id as an alias).
 `append(person, events)` advances that state by the new events only — `EmbeddingLSTM.step` for one
-event per person, a forward from the stored (h, c) for more — and persists the events and the new
-state (see `fastinterest.serve.state`) before it returns. A person never seen before starts from the
+event per person, a forward from the stored (h, c) for more — and commits the events to the state
+file's log before it returns; the states themselves live in memory and are checkpointed to the file
+behind the log (every `checkpoint_every` events and at close; a restart replays the log after the last
+checkpoint; see `fastinterest.serve.state`). A person never seen before starts from the
 zero state with their first append. So the state of a person is always the model run over the stream
 "prepared window, then every appended event in arrival order" (events of one append call are put in
 time order; events are never re-sorted across calls).
@@ -33,16 +35,29 @@ window again, and appends only extend the window — what a service built on lay
 state must do. It is the baseline of `benchmarks/bench_serve.py`, and equals the stateful answers while a
 person's stream fits in the window.
 
+The request path
+----------------
+An append of one event to each of some known persons (what the service's micro-batches are made of)
+takes the short path: the persons' rows are copied into preallocated step inputs, the LSTM advances by
+one fused step (`EmbeddingLSTM.step_fn()`, bound to the weights at load), and the windows, user vectors
+and the write-back are one call each of `fastpath` (compiled with numba when it is installed, numpy
+otherwise; both checked against the reference code at load). `interests` of known persons reads their
+user vectors and runs the interest head and the top-k in one compiled call (numpy otherwise). Unit
+vectors (for `similar`) are normalised when read, not on every append. Any other append (new persons,
+several events, a person twice in one batch) takes the general path; both give the same states.
+
 Threads
 -------
 One model in memory serves any number of threads: the weights are read-only, the engine's caches are
 built at load, reads copy the rows they need under a lock, and appends are serialised (one batch at a
-time; batch many persons in one call for throughput). Everything runs under `torch.no_grad()`; inputs
-and outputs are plain Python and numpy values.
+time; batch many persons in one call for throughput). Nothing builds an autograd graph (the weights do
+not require gradients; torch modules run under `torch.no_grad()`); inputs and outputs are plain Python
+and numpy values.
 """
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import warnings
 from collections.abc import Sequence
@@ -54,6 +69,7 @@ import numpy as np
 import torch
 
 from ..apps.run import Run
+from . import fastpath
 from .engine import make_engine
 from .events import FIELDS, EncodedEvents, EventEncoder, EventError
 from .state import PersonStates, StateRecord, StateStore, run_fingerprint
@@ -95,6 +111,7 @@ class _PendingAppend:
     user: np.ndarray         # float32 [B, U]
     results: list            # one dict per request
     last_seq: np.ndarray | None = None
+    rows: np.ndarray | None = None    # the persons' rows when all are known (else found at publish)
 
     @property
     def total(self) -> int:
@@ -102,10 +119,13 @@ class _PendingAppend:
 
     def number_events(self, first: int) -> None:
         """Log positions first, first + 1, ... to the events in person order; last_seq per person."""
-        self.last_seq = (first - 1 + np.cumsum(self.counts)).astype(np.int64)
+        if self.rows is not None:   # `_advance_single`: one event per person
+            self.last_seq = np.arange(first, first + len(self.people), dtype=np.int64)
+        else:
+            self.last_seq = (first - 1 + np.cumsum(self.counts)).astype(np.int64)
 
     def persist(self, db) -> None:
-        """Write the events and the new states inside the caller's transaction."""
+        """Write the events (the log) inside the caller's transaction; the states are checkpointed later."""
         rows = []
         for person, evs in zip(self.people, self.events):
             for e in evs:
@@ -114,8 +134,26 @@ class _PendingAppend:
                     rows.append((person, timestamp, item, category, action, platform, raw))
         first = StateStore.insert_events(db, rows) if rows else 1
         self.number_events(first)
-        StateStore.put_states(db, [StateRecord(self.people[b], int(self.n_events[b]), int(self.last_seq[b]), self.h[b],
-                                               self.c[b], self.window[b]) for b in range(len(self.people))])
+
+
+class _StepBuffers:
+    """The inputs of one LSTM step for B persons, allocated once: states h_np, c_np [L, B, H] float32 and the
+    new events' table_np [B, 5] int64 (numpy), and the same memory as torch tensors for the engine."""
+
+    def __init__(self, L: int, B: int, H: int, device: torch.device):
+        self.h_np = np.empty((L, B, H), np.float32)
+        self.c_np = np.empty((L, B, H), np.float32)
+        self.table_np = np.empty((B, 5), np.int64)
+        h, c, table = (torch.from_numpy(a) for a in (self.h_np, self.c_np, self.table_np))
+        self._inputs = ([table[:, j] for j in range(4)], (h, c))   # ids: the table's id columns, [B] each
+        self.device = device
+
+    def inputs(self):
+        """(ids, (h, c)) for `engine.step`: the buffers themselves on the CPU, copies on another device."""
+        if self.device.type == "cpu":
+            return self._inputs
+        ids, (h, c) = self._inputs
+        return [t.to(self.device) for t in ids], (h.to(self.device), c.to(self.device))
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,11 +211,15 @@ class Session:
         max_len: the window of events the history features read (default: the run's max_len).
         recompute: no sequence state: recompute known persons from their window on every read (the
             stateless baseline, see the module docstring).
+        checkpoint_every: with a state file, write the changed states to it (a checkpoint) after this many
+            appended events, and at close; a restart replays the events after the last checkpoint. A checkpoint
+            writes one row per person changed since the last one (about 50 µs each on a 2-core machine) and
+            delays the append that triggers it by that much.
     """
 
     def __init__(self, run_dir, device: str = "cpu", backend: str | None = None, *, layers: str = "fastinterest",
                  state=None, prepared=None, synchronous: str = "normal", max_len: int | None = None,
-                 recompute: bool = False, load_batch: int = 512):
+                 recompute: bool = False, load_batch: int = 512, checkpoint_every: int = 2000):
         self.run_dir = Path(run_dir)
         if layers not in ("fastinterest", "torch"):
             raise ValueError(f"layers must be 'fastinterest' or 'torch', not {layers!r}")
@@ -204,13 +246,19 @@ class Session:
         self._fast_user = self._check_fast_user()
         self._fast_head = None
         self._fast_head = self._check_fast_head()
+        self._head_topk = self._check_head_topk()
+        self._fp = self._check_fastpath()
+        self._buffers: dict[int, _StepBuffers] = {}   # per batch size, for `_advance_single`
 
         self._lock = threading.RLock()          # guards self.states (reads copy rows under it)
         self._append_lock = threading.Lock()    # one append batch at a time
         L, H = self.engine.num_layers, self.engine.hidden_size
         self.states = PersonStates(L, H, self.window, int(self.model.user_dim))
-        self._synced_seq = 0                    # the store's log position this process has applied
+        self._synced_seq = 0                    # the store's log position up to which this process applied all
         self._local_seq = 0                     # log positions of appends without a store
+        self._dirty: set[int] = set()           # rows changed since this process's last checkpoint
+        self._unsaved = 0                       # events applied since then
+        self.checkpoint_every = int(checkpoint_every)
 
         prepared_dir = self._prepared_dir(prepared)
         if prepared_dir is not None:
@@ -220,7 +268,10 @@ class Session:
             path = Path(state) if state is not None else self.run_dir / "serving" / "state.sqlite3"
             self.store = StateStore(path, shape=(L, H, self.window), synchronous=synchronous,
                                     fingerprint=run_fingerprint(self.run_dir, self.window, prepared_dir, self.recompute))
-            self._apply_records(self.store.states_since(0))
+            with self._append_lock:   # the checkpoint, then the events after it
+                self._apply_records(self.store.states_since(0))
+                self._synced_seq = self.store.watermark()
+                self._catch_up()
 
     # ------------------------------------------------------------------ loading
     def _popularity(self) -> None:
@@ -375,6 +426,86 @@ class Session:
             self._fast_head = None
         return fast if same else None
 
+    def _check_head_topk(self):
+        """The compiled `fastpath.head_topk` if it ranks like the numpy head + `_top_k` (the same ids, the same
+        probabilities within 1e-6) on random user vectors; else None (numpy)."""
+        fn = fastpath.compiled_head_topk()
+        if fn is None or self._fast_head is None:
+            return None
+        wt, b = self._fast_head
+        C = wt.shape[1]
+        rng = np.random.default_rng(2)
+        user = rng.standard_normal((9, wt.shape[0])).astype(np.float32)
+        try:
+            for k in (1, min(10, C), C):
+                probs = self._interest_probs(user)
+                probs[:, :2] = -np.inf
+                idx_ref, val_ref = _top_k(probs, k)
+                idx, val = np.empty((len(user), k), np.int64), np.empty((len(user), k), np.float32)
+                fn(user, wt, b, idx, val)
+                if not (np.array_equal(idx, idx_ref) and np.allclose(val, val_ref, rtol=0, atol=1e-6)):
+                    warnings.warn("fastpath.head_topk differs from the numpy head: interests use numpy", stacklevel=3)
+                    return None
+        except Exception as exc:  # noqa: BLE001 - a compile or run failure: use numpy
+            warnings.warn(f"fastpath.head_topk failed ({type(exc).__name__}: {exc}): interests use numpy",
+                          stacklevel=3)
+            return None
+        return fn
+
+    def _check_fastpath(self) -> fastpath.Functions | None:
+        """The `fastpath` functions for `_advance_single`: the compiled ones if they give exactly what their numpy
+        reference gives on states of this run's shapes (compiling them, or loading them from numba's cache, on
+        the way), else the numpy ones; None (every append takes `_advance_general`) when the user vectors they
+        derive are not the model's."""
+        if not self._fast_user:
+            return None
+        fp = fastpath.compiled() or fastpath.NUMPY
+        L, H, W = self.engine.num_layers, self.engine.hidden_size, self.window
+        C, share = self.model.num_categories, self.model.history_share
+        U = int(self.model.user_dim)
+        rng = np.random.default_rng(0)
+        P = 7
+        state = {"h": rng.standard_normal((P, L, H)).astype(np.float32),
+                 "c": rng.standard_normal((P, L, H)).astype(np.float32),
+                 "window": rng.integers(0, C, (P, 4, W)).astype(np.int32),
+                 "n_events": np.asarray([0, 1, W - 1, W, W + 5, 3, 2 * W], np.int64),
+                 "last_seq": np.asarray([0, 5, 9, 0, 2, 7, 1], np.int64),
+                 "user": np.zeros((P, U), np.float32), "stale": np.zeros(P, bool)}
+        rows = np.asarray([4, 0, 2, 3, 6, 1], np.int64)
+        table = rng.integers(0, C, (len(rows), 5)).astype(np.int64)
+        seq = np.asarray([3, 1, 10, 1, 2, 4], np.int64)   # rows 4 and 1 hold newer states: not written
+        outs = []
+        try:
+            for impl in (fastpath.NUMPY, fp):
+                st = {k: v.copy() for k, v in state.items()}
+                B = len(rows)
+                h0, c0 = np.empty((L, B, H), np.float32), np.empty((L, B, H), np.float32)
+                win, n0 = np.empty((B, 4, W), np.int32), np.empty(B, np.int64)
+                impl.gather(st["h"], st["c"], st["window"], st["n_events"], rows, h0, c0, win, n0)
+                h1 = np.ascontiguousarray(h0[::-1])  # any new state
+                n1, user = np.empty(B, np.int64), np.empty((B, U), np.float32)
+                impl.slide_and_user(h1[-1], win, n0, table, C, share, n1, user)
+                written = impl.scatter(st["h"], st["c"], st["window"], st["n_events"], st["last_seq"], st["user"],
+                                       st["stale"], rows, h1, c0, win, n1, seq, user)
+                outs.append([h0, c0, win, n0, n1, user, np.asarray(written), *st.values()])
+                if impl is fastpath.NUMPY and not np.allclose(user, self._user_vectors(h1[-1], win[:, 1], n1),
+                                                              atol=1e-6):
+                    warnings.warn("fastpath: its user vectors are not the model's; append takes the general path",
+                                  stacklevel=3)
+                    return None
+                if fp is fastpath.NUMPY:
+                    return fp
+            same = all(np.array_equal(a, b) for a, b in zip(*outs))
+        except Exception as exc:  # noqa: BLE001 - a compile or run failure: use numpy
+            warnings.warn(f"fastpath: the compiled (numba) functions failed ({type(exc).__name__}: {exc}); "
+                          "append uses numpy (slower per request)", stacklevel=3)
+            return fastpath.NUMPY
+        if not same:
+            warnings.warn("fastpath: the compiled (numba) functions differ from numpy; append uses numpy (slower "
+                          "per request)", stacklevel=3)
+            return fastpath.NUMPY
+        return fp
+
     def _tensor(self, a, dtype=torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)
 
@@ -400,11 +531,38 @@ class Session:
 
     # ------------------------------------------------------------------ reading states
     def _sync(self) -> None:
-        """Pick up states that other processes sharing the store committed."""
-        if self.store is not None and self.store.changed():
-            with self._lock:
-                since = self._synced_seq
-            self._apply_records(self.store.states_since(since))
+        """Pick up the events that other processes sharing the store committed."""
+        # (a commit of this process's own appends also reads as a change; those are applied when they return,
+        # so a read waits for the append lock only when the log holds events this process has not applied)
+        if self.store is not None and self.store.changed() and self.store.last_seq() > self._synced_seq:
+            with self._append_lock:
+                self._catch_up()
+
+    def _catch_up(self, db=None) -> None:
+        """Apply the log's events after `_synced_seq` (other processes' appends; at load, the events after the
+        checkpoint), in log order, a chunk at a time. Call with the append lock held (and, with db, inside
+        that transaction)."""
+        for rows in self.store.events_since(self._synced_seq, db):
+            self._replay(rows)
+            self._synced_seq = int(rows[-1][0])
+
+    def _replay(self, rows: list[tuple]) -> None:
+        """Advance the persons of logged events (seq, person, item, category, action, platform, timestamp), in log
+        order, skipping the events a person's state already holds (its last_seq)."""
+        per: dict[str, list[tuple]] = {}
+        with self._lock:
+            st = self.states
+            for seq, person, *ids in rows:
+                r = st.index.get(person)
+                if r is None or seq > st.last_seq[r]:
+                    per.setdefault(person, []).append((seq, *ids))
+        if not per:
+            return
+        people = list(per)
+        encoded = [EncodedEvents(np.asarray([e[1:] for e in evs], np.int64)) for evs in per.values()]
+        pending = self._advance_general(people, encoded)
+        pending.last_seq = np.asarray([evs[-1][0] for evs in per.values()], np.int64)
+        self._publish(pending)
 
     def _apply_records(self, records: Sequence[StateRecord]) -> None:
         if not records:
@@ -424,7 +582,6 @@ class Session:
                 seq = np.asarray([rec.last_seq for _, rec in fresh], np.int64)
                 user = self._user_vectors(h[:, -1], window[:, CATEGORY], n)
                 self.states.set_rows(rows, h, c, window, n, seq, user)
-            self._synced_seq = max(self._synced_seq, max(rec.last_seq for rec in records))
 
     def _subjects(self, persons, events, need_window: bool = True) -> _Subjects:
         """Resolve a batch of read requests: row i is persons[i] (a key) or events[i] (an inline history).
@@ -548,9 +705,14 @@ class Session:
         n = len(subj.rows)
         ks = self._ks(k, n)
         # every row through the head (cold rows are answered from popularity below)
-        probs = self._interest_probs(subj.user)
-        probs[:, :2] = -np.inf
-        idx, vals = _top_k(probs, max(ks))
+        if self._head_topk is not None:   # compiled: one call for the head and the ranking
+            k = min(max(ks, default=0), self._fast_head[0].shape[1])
+            idx, vals = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+            self._head_topk(subj.user, self._fast_head[0], self._fast_head[1], idx, vals)
+        else:
+            probs = self._interest_probs(subj.user)
+            probs[:, :2] = -np.inf
+            idx, vals = _top_k(probs, max(ks))
         idx, vals, is_known, n_events = idx.tolist(), vals.tolist(), subj.known.tolist(), subj.n_events.tolist()
         tokens = self.category_tokens
         k0 = len(idx[0]) if n else 0
@@ -731,14 +893,30 @@ class Session:
                 self._local_seq += pending.total
             else:
                 with self.store.transaction() as db:
-                    with self._lock:
-                        since = self._synced_seq
-                    self._apply_records(self.store.states_since(since, db))   # other processes' appends first
+                    self._catch_up(db)   # other processes' appends first
                     pending = self._advance(keys, encoded)
                     pending.persist(db)
                 # committed: durable from here on
             self._publish(pending)
+            if self.store is not None and self._unsaved >= self.checkpoint_every:
+                try:
+                    self._checkpoint()
+                except sqlite3.Error as exc:   # the append itself is committed; the next checkpoint retries
+                    self._unsaved = 0
+                    warnings.warn(f"{self.store.path}: checkpoint failed ({exc}); retried after "
+                                  f"{self.checkpoint_every} more events", stacklevel=2)
         return pending.results
+
+    def _checkpoint(self) -> None:
+        """Write the states changed since the last checkpoint to the store, with the log position they reflect.
+        Call with the append lock held."""
+        with self._lock:
+            records = [self.states.record(r) for r in sorted(self._dirty)]
+            watermark = self._synced_seq
+        if records or watermark > 0:
+            self.store.checkpoint(records, watermark)
+        self._dirty.clear()
+        self._unsaved = 0
 
     def _advance(self, keys: list[str], encoded: list[EncodedEvents]) -> _PendingAppend:
         """Compute the new states of the persons in `keys` after their new events (nothing is changed yet)."""
@@ -746,47 +924,62 @@ class Session:
             st = self.states
             rows = [st.index.get(key) for key in keys]
             # the request path of `append`: known persons, each once, one new event each
-            if None not in rows and len(set(rows)) == len(rows) and all(e.table.shape[0] == 1 for e in encoded):
-                return self._advance_single([st.keys[r] for r in rows], rows, encoded)
-            canon = [st.keys[r] if r is not None else key for r, key in zip(rows, keys)]
-        return self._advance_general(canon, encoded)
+            if self._fp is not None and None not in rows and len(set(rows)) == len(rows) and \
+                    all(e.table.shape[0] == 1 for e in encoded):
+                B = len(rows)
+                buf = self._step_buffers(B)
+                r = np.asarray(rows, np.int64)
+                window, n0 = np.empty((B, 4, self.window), np.int32), np.empty(B, np.int64)
+                self._fp.gather(st.h, st.c, st.window, st.n_events, r, buf.h_np, buf.c_np, window, n0)
+                people = [st.keys[i] for i in rows]
+            else:
+                canon = [st.keys[r] if r is not None else key for r, key in zip(rows, keys)]
+                people = None
+        if people is None:
+            return self._advance_general(canon, encoded)
+        return self._advance_single(people, r, encoded, buf, window, n0)
 
-    def _advance_single(self, people: list[str], rows: list[int], encoded: list[EncodedEvents]) -> _PendingAppend:
-        """`_advance` of known, distinct persons by one event each: one step of the LSTM, and as few numpy and
-        torch calls as the batch allows (they, not the arithmetic, are the cost for a few persons).
-        Called with self._lock held; the states are copied out under it."""
-        st, W, B = self.states, self.window, len(people)
-        r = np.asarray(rows, np.int64)
-        h0, c0, window, n0 = st.h[r], st.c[r], st.window[r], st.n_events[r]
-        table = encoded[0].table if B == 1 else np.concatenate([e.table for e in encoded])   # [B, 5]
-        counts = np.ones(B, np.int64)
-        if self.recompute:  # the stateless baseline keeps no LSTM state
-            h_np, c_np = h0, c0
-        else:
-            h, c = self._step(table, h0, c0)
-            h_np, c_np = h.transpose(1, 0, 2), c.transpose(1, 0, 2)   # [B, L, H] views
-        # slide the windows: write the event after the last one, or shift a full window left
+    def _step_buffers(self, B: int) -> _StepBuffers:
+        """The step inputs for B persons, allocated once per B (used under the append lock only)."""
+        buf = self._buffers.get(B)
+        if buf is None:
+            if len(self._buffers) >= 64:
+                self._buffers.clear()
+            buf = self._buffers[B] = _StepBuffers(self.engine.num_layers, B, self.engine.hidden_size, self.device)
+        return buf
+
+    def _advance_single(self, people: list[str], rows: np.ndarray, encoded: list[EncodedEvents], buf: _StepBuffers,
+                        window: np.ndarray, n0: np.ndarray) -> _PendingAppend:
+        """`_advance` of known, distinct persons by one event each, from their states (in `buf`), windows
+        [B, 4, W] and counts n0 [B] (copies): one LSTM step, then the windows and user vectors in one call
+        of `fastpath` (compiled when numba is installed: numpy calls, not the arithmetic, are the cost of
+        a few persons)."""
+        B = len(people)
+        table = buf.table_np   # [B, 5]: each person's new event
         if B == 1:
-            n = int(n0[0])
-            if n >= W:
-                window[0, :, :-1] = window[0, :, 1:]
-                n = W - 1
-            window[0, :, n] = table[0, :4]
+            table[...] = encoded[0].table
         else:
-            full = n0 >= W
-            if full.any():
-                window[full, :, :-1] = window[full, :, 1:]
-            window[np.arange(B), :, np.minimum(n0, W - 1)] = table[:, :4]
-        n1 = n0 + 1
-        user = self._user_vectors(h_np[:, -1], window[:, CATEGORY], n1)
+            np.concatenate([e.table for e in encoded], out=table)
+        if self.recompute:  # the stateless baseline keeps no LSTM state
+            h1, c1 = buf.h_np.copy(), buf.c_np.copy()
+        else:
+            h, c = self.engine.step(*buf.inputs())
+            if h.device.type != "cpu" or h.dtype != torch.float32:
+                h, c = h.float().cpu(), c.float().cpu()
+            h1, c1 = h.numpy(), c.numpy()
+        user = np.empty((B, self.states.user_dim), np.float32)
+        n1 = np.empty(B, np.int64)
+        self._fp.slide_and_user(h1[-1], window, n0, table, self.model.num_categories, self.model.history_share,
+                                n1, user)
         results = [{"person": key, "appended": 1, "n_events": n} for key, n in zip(people, n1.tolist())]
-        return _PendingAppend(people, [[e] for e in encoded], counts, h_np, c_np, window, n1, user, results)
+        return _PendingAppend(people, [[e] for e in encoded], np.ones(B, np.int64), h1.transpose(1, 0, 2),
+                              c1.transpose(1, 0, 2), window, n1, user, results, rows=rows)
 
     def _step(self, table: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One LSTM step from states h0, c0 [B, L, H] by the events table [B, 5] -> (h, c) [L, B, H] float32."""
+        """One LSTM step from states h0, c0 [L, B, H] (float32, contiguous) by the events table [B, 4+] (ids in
+        FIELDS order) -> (h, c) [L, B, H] float32 numpy."""
         dev = self.device
-        h = torch.from_numpy(np.ascontiguousarray(h0.transpose(1, 0, 2)))
-        c = torch.from_numpy(np.ascontiguousarray(c0.transpose(1, 0, 2)))
+        h, c = torch.from_numpy(h0), torch.from_numpy(c0)
         ids = [torch.from_numpy(table[:, j]) for j in range(4)]   # [B] strided views of the table's columns
         if dev.type != "cpu":
             h, c, ids = h.to(dev), c.to(dev), [t.to(dev) for t in ids]
@@ -823,7 +1016,8 @@ class Session:
         if self.recompute:  # the stateless baseline keeps no LSTM state
             h_np, c_np = h0, c0
         elif ids.shape[2] == 1:
-            h, c = self._step(np.ascontiguousarray(ids[:, :, 0]), h0, c0)
+            h, c = self._step(ids[:, :, 0], np.ascontiguousarray(h0.transpose(1, 0, 2)),
+                              np.ascontiguousarray(c0.transpose(1, 0, 2)))
             h_np, c_np = h.transpose(1, 0, 2), c.transpose(1, 0, 2)
         else:
             dev = self.device
@@ -852,16 +1046,30 @@ class Session:
     def _publish(self, p: _PendingAppend) -> None:
         """Make computed (and, with a store, committed) states visible to readers."""
         with self._lock:
-            rows = np.asarray([self.states.add(key) for key in p.people], np.int64)
-            # a newer state of the same person pulled from another process meanwhile wins
-            newer = p.last_seq > self.states.last_seq[rows]
-            if newer.all():   # the usual case
-                self.states.set_rows(rows, p.h, p.c, p.window, p.n_events, p.last_seq, p.user)
-            elif newer.any():
-                self.states.set_rows(rows[newer], p.h[newer], p.c[newer], p.window[newer], p.n_events[newer],
-                                     p.last_seq[newer], p.user[newer])
+            st = self.states
+            if p.rows is not None:   # `_advance_single`
+                self._fp.scatter(st.h, st.c, st.window, st.n_events, st.last_seq, st.user, st._unit_stale, p.rows,
+                                 p.h.transpose(1, 0, 2), p.c.transpose(1, 0, 2), p.window, p.n_events, p.last_seq,
+                                 p.user)
+                rows = p.rows
+            else:
+                rows = self._publish_general(p)
             if self.store is not None:
                 self._synced_seq = max(self._synced_seq, int(p.last_seq.max(initial=0)))
+                self._dirty.update(rows.tolist())
+                self._unsaved += p.total
+
+    def _publish_general(self, p: _PendingAppend) -> np.ndarray:
+        """`_publish` of any pending append (call with the lock held); returns the persons' rows."""
+        rows = np.asarray([self.states.add(key) for key in p.people], np.int64)
+        # a state of the same person that already holds these events (or later ones) stays
+        newer = p.last_seq > self.states.last_seq[rows]
+        if newer.all():   # the usual case
+            self.states.set_rows(rows, p.h, p.c, p.window, p.n_events, p.last_seq, p.user)
+        elif newer.any():
+            self.states.set_rows(rows[newer], p.h[newer], p.c[newer], p.window[newer], p.n_events[newer],
+                                 p.last_seq[newer], p.user[newer])
+        return rows
 
     # ------------------------------------------------------------------ numpy access
     def user_vectors(self, persons) -> tuple[np.ndarray, np.ndarray]:
@@ -903,9 +1111,18 @@ class Session:
                 "state": str(self.store.path) if self.store is not None else MEMORY}
 
     def close(self) -> None:
+        """Checkpoint the states changed since the last checkpoint (so that a restart need not replay them), then
+        close the store. The appended events are durable whether or not this runs."""
         if self.store is not None:
-            self.store.close()
-            self.store = None
+            with self._append_lock:
+                try:
+                    if self._dirty:
+                        self._checkpoint()
+                except sqlite3.Error as exc:   # the log holds every event: a restart replays them
+                    warnings.warn(f"{self.store.path}: no checkpoint at close ({exc}); the next start replays the "
+                                  "events after the last one", stacklevel=2)
+                self.store.close()
+                self.store = None
 
     def __enter__(self) -> Self:
         return self

@@ -10,18 +10,28 @@ A person's state is everything needed to answer for them and to absorb their nex
     last_seq      the durable log position of the last event applied (0: none appended)
 
 `PersonStates` holds every person's state in growable numpy arrays (row per person) together with the
-user vector the model derives from it. `StateStore` is the durable copy:
+user vector the model derives from it (and its unit vector, normalised when read). `StateStore` is the
+durable copy:
 
     events(seq, person, timestamp, item, category, action, platform, raw)  append-only log, one row per event
-    states(person, n_events, last_seq, h, c, window)                       latest state per appended-to person
-    meta(key, value)                                                        what run the states belong to
+    states(person, n_events, last_seq, h, c, window)                       a checkpoint of the states
+    meta(key, value)                                                        what run the states belong to, and
+                                                                            the checkpoint's watermark
 
-One append is one transaction that writes the new events and the new states together, so the states on
-disk always equal the log replayed; the service acknowledges an append only after COMMIT. With WAL and
-synchronous=NORMAL a committed transaction survives the process being killed (kill -9); with
-synchronous=FULL it also survives a power cut, at the price of an fsync per commit. Several processes
+The log is the truth and the states in memory are its cache. One append is one transaction that writes
+the new events (one executemany + COMMIT); the service acknowledges an append only after that COMMIT.
+The states are written behind, as a checkpoint (`checkpoint`: the states changed since the last one, in
+one transaction, every few thousand events and when the session closes), and `watermark()` is the log
+position up to which the states table reflects every event. A restart loads the checkpoint and replays
+the events after the watermark (`events_since`); so does a process catching up with the events other
+processes appended. A state row is never replaced by an older one (its last_seq decides).
+
+Durability: with WAL and synchronous=NORMAL (the default) a committed transaction survives the process
+being killed (kill -9) — SQLite has written it to the WAL file, and the OS keeps it when the process
+dies — but not a power cut or an OS crash, which may lose the last transactions before the next WAL
+checkpoint; synchronous=FULL also survives those, at the price of an fsync per commit. Several processes
 may share one store (`fastinterest serve --workers N`): writers serialise on SQLite's write lock, and
-each process pulls the states other processes committed (`changed()` + `states_since(seq)`).
+each process replays the events other processes committed (`changed()` + `events_since(seq)`).
 """
 from __future__ import annotations
 
@@ -74,7 +84,8 @@ class PersonStates:
         new = {"h": np.zeros((cap, L, H), np.float32), "c": np.zeros((cap, L, H), np.float32),
                "window": np.zeros((cap, 4, W), np.int32),
                "n_events": np.zeros(cap, np.int64), "last_seq": np.zeros(cap, np.int64),
-               "user": np.zeros((cap, U), np.float32), "unit": np.zeros((cap, U), np.float32)}
+               "user": np.zeros((cap, U), np.float32), "_unit": np.zeros((cap, U), np.float32),
+               "_unit_stale": np.zeros(cap, bool)}
         for name, arr in new.items():
             old = getattr(self, name, None)
             if old is not None:
@@ -120,8 +131,19 @@ class PersonStates:
         self.h[rows], self.c[rows], self.window[rows] = h, c, window
         self.n_events[rows], self.last_seq[rows] = n_events, last_seq
         self.user[rows] = user
-        norms = np.sqrt(np.einsum("ij,ij->i", user, user))[:, None]
-        self.unit[rows] = user / np.maximum(norms, 1e-12)
+        self._unit_stale[rows] = True   # unit vectors are derived when read (`unit`), not on every append
+
+    @property
+    def unit(self) -> np.ndarray:
+        """[capacity, U] user vectors scaled to length 1 (zeros stay zeros); rows written since the last read
+        are normalised now, all at once."""
+        stale = np.flatnonzero(self._unit_stale[: self.size])
+        if len(stale):
+            user = self.user[stale]
+            norms = np.sqrt(np.einsum("ij,ij->i", user, user))[:, None]
+            self._unit[stale] = user / np.maximum(norms, 1e-12)
+            self._unit_stale[stale] = False
+        return self._unit
 
     def known_rows(self) -> np.ndarray:
         """Rows of persons with at least one event (the ones `similar` and `target` can return)."""
@@ -238,13 +260,23 @@ class StateStore:
 
     @staticmethod
     def put_states(db: sqlite3.Connection, records: Iterable[StateRecord]) -> None:
+        """Write states inside a transaction; a stored state with a later last_seq is kept."""
         db.executemany(
             "INSERT INTO states (person, n_events, last_seq, h, c, window) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (person) DO UPDATE SET n_events = excluded.n_events, last_seq = excluded.last_seq, "
-            "h = excluded.h, c = excluded.c, window = excluded.window",
+            "h = excluded.h, c = excluded.c, window = excluded.window WHERE excluded.last_seq > states.last_seq",
             [(r.person, int(r.n_events), int(r.last_seq), np.ascontiguousarray(r.h, "<f4").tobytes(),
               np.ascontiguousarray(r.c, "<f4").tobytes(), np.ascontiguousarray(r.window, "<i4").tobytes())
              for r in records])
+
+    def checkpoint(self, records: list[StateRecord], watermark: int) -> None:
+        """Write states (the ones changed since the last checkpoint of this process) and raise the watermark to
+        `watermark`: the caller's states reflect every event up to it."""
+        with self.transaction() as db:
+            self.put_states(db, records)
+            db.execute("INSERT INTO meta (key, value) VALUES ('watermark', ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value WHERE CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)",
+                       (str(int(watermark)),))
 
     # ---- reading
     def _decode(self, row) -> StateRecord:
@@ -262,6 +294,27 @@ class StateStore:
             return [self._decode(r) for r in db.execute(query, (int(seq),))]
         with self._read_lock:
             return [self._decode(r) for r in self._reader.execute(query, (int(seq),))]
+
+    def watermark(self) -> int:
+        """The log position up to which the states table reflects every event (0: none)."""
+        with self._read_lock:
+            row = self._reader.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+        return int(row[0]) if row else 0
+
+    def events_since(self, seq: int, db: sqlite3.Connection | None = None, chunk: int = 1024) -> Iterator[list[tuple]]:
+        """The events after log position `seq`, in log order, as lists of at most `chunk` tuples (seq, person,
+        item, category, action, platform, timestamp). With db: inside the caller's transaction."""
+        query = ("SELECT seq, person, item, category, action, platform, timestamp FROM events WHERE seq > ? "
+                 "ORDER BY seq")
+        if db is not None:
+            cur = db.execute(query, (int(seq),))
+            while rows := cur.fetchmany(chunk):
+                yield rows
+            return
+        with self._read_lock:
+            cur = self._reader.execute(query, (int(seq),))
+            while rows := cur.fetchmany(chunk):
+                yield rows
 
     def _version(self) -> int:
         return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
@@ -281,6 +334,11 @@ class StateStore:
         with self._read_lock:
             rows = self._reader.execute("SELECT raw FROM events WHERE person = ? ORDER BY seq", (str(person),))
             return [json.loads(r[0]) for r in rows]
+
+    def last_seq(self) -> int:
+        """The log position of the last committed event (0: none)."""
+        with self._read_lock:
+            return int(self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
     def count_events(self) -> int:
         with self._read_lock:
