@@ -372,7 +372,9 @@ inline void proj_tile_mr(const ProjArgs<float>& a, const float* const* xr, float
 // length-sorted positions) in one sgemm (in x mode also G += x_t W_ih^T), then the gate pointwise,
 // which adds the input part (xproj row / summed table rows / bias) as it reads G and updates c and h.
 // The BLAS that torch ships (MKL here) runs this M = n, N = 4H, K = H product at ~115-145 GFLOP/s
-// on 2 cores, about twice the register-blocked tiles; the tiles stay for small batches and B = 1.
+// on 2 cores, but end to end it measured no faster than the register-blocked tiles on our 2-core
+// EPYC (the gather and pointwise dominate; shrinking batches favour the tiles), so it is opt-in
+// (FASTINTEREST_LSTM_BLAS=1, see backends/ext_lstm.py).
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
 

@@ -61,13 +61,19 @@ def _torch_sgemm() -> int:
 
 
 def _configure_blas() -> None:
-    """Hand torch's BLAS to the C++ recurrence (float32 batches of >= min_rows sequences); the kernel
-    self-tests it first. FASTINTEREST_LSTM_BLAS=0 keeps the register-blocked tiles everywhere."""
+    """Opt-in (FASTINTEREST_LSTM_BLAS=1): hand torch's BLAS to the C++ recurrence (float32 batches of
+    >= FASTINTEREST_LSTM_GEMM_MIN_ROWS sequences, default 32); the kernel self-tests it first.
+
+    Off by default: on the 2-core EPYC we measure on, the sgemm itself is fast (~146 GFLOP/s at 256
+    rows) but the step's table gather and gate pointwise cost the same either way, and the BLAS loses
+    on shrinking batches (EmbeddingLSTM inference, Taobao length mix: 44.8 ms BLAS vs 38.5 ms tiles;
+    full length 32.2 vs 27.2 ms; benchmarks/bench_lstm.py --quick, same machine, interleaved with torch).
+    """
     import os
 
     if _ext.cpu_reason() is not None or not hasattr(_ext.cpu(), "lstm_set_sgemm"):
         return
-    if os.environ.get("FASTINTEREST_LSTM_BLAS", "1") == "0":
+    if os.environ.get("FASTINTEREST_LSTM_BLAS", "0") != "1":
         _ext.cpu().lstm_set_sgemm(0)
         return
     fn = _torch_sgemm()
