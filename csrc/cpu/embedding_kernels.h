@@ -87,6 +87,18 @@ inline void prefetch_row(const W* row, int64_t D) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 1);
 }
 
+// [lo, hi): the calling OpenMP thread's share of rows 0..V (all of them outside a parallel region).
+// Row-range ownership is what keeps the grouped and the SGD backward independent of the thread count.
+inline void thread_row_range(int64_t V, int64_t& lo, int64_t& hi) {
+#ifdef FI_HAVE_OPENMP
+  const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+  const int t = 0, T = 1;
+#endif
+  lo = V * t / T;
+  hi = V * (t + 1) / T;
+}
+
 inline int threads_for(int64_t work, int nthreads) {
   // Below ~a few thousand rows a parallel region costs more than it saves.
   return work < 2048 ? 1 : std::max(1, nthreads);
@@ -335,7 +347,8 @@ void group_rows(const I* idx, int64_t N, int64_t V, int64_t skip_idx, const uint
 #else
       const int t = 0, T = 1;
 #endif
-      const int64_t lo = V * t / T, hi = V * (t + 1) / T;
+      int64_t lo, hi;
+      thread_row_range(V, lo, hi);
       for (int64_t j = 0; j < N; ++j) {
         const int64_t r = static_cast<int64_t>(idx[j]);
         if (r >= lo && r < hi && r != skip_idx) ++start[r + 1];
@@ -425,12 +438,8 @@ int64_t bag_backward(const A* grad_out, W* weight, const I* idx, const O* off, c
       constexpr int64_t PF = 8;
 #pragma omp parallel num_threads(nt) if (nt > 1)
       {
-#ifdef FI_HAVE_OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
-        const int64_t lo = a.V * t / T, hi = a.V * (t + 1) / T;
+        int64_t lo, hi;
+        thread_row_range(a.V, lo, hi);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
           const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
