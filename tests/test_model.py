@@ -160,6 +160,18 @@ class _maybe_warns:
         return self._w.__exit__(*exc)
 
 
+def test_item_dropout_acts_only_in_training():
+    m = InterestModel(*SIZES, embedding_dim=8, hidden_size=16, layers="torch", item_dropout=1.0, dropout=0.0)
+    ids, lengths = _ids()
+    no_items = [torch.zeros_like(ids[0])] + ids[1:]  # id 0: the zero padding row
+    emb = m.encoder.embeddings
+    m.train()
+    torch.testing.assert_close(emb(ids), emb(no_items))  # p = 1: every item vector is left out
+    m.eval()
+    assert not torch.allclose(emb(ids), emb(no_items))
+    assert InterestModel.from_config(m.config).encoder.embeddings.item_dropout == 1.0
+
+
 def test_invalid_choices_raise():
     with pytest.raises(ValueError):
         InterestModel(*SIZES, encoder="gru")

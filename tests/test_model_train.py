@@ -61,7 +61,7 @@ def test_run_directory_format(toy, tmp_path):
     assert cfg["format"] == "fastinterest.run" and cfg["format_version"] == 1
     assert set(cfg["model"]) == {"num_items", "num_categories", "num_actions", "num_platforms", "embedding_dim",
                                  "hidden_size", "num_layers", "dropout", "encoder", "layers", "history_share",
-                                 "repeat_term"}
+                                 "repeat_term", "item_dropout", "item_init_std"}
     assert cfg["best"]["epoch"] in (1, 2) and cfg["train"]["seed"] == 0
     assert json.loads((out / "vocab.json").read_text()) == vocab
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -129,6 +129,40 @@ def test_ddp_two_processes_matches_single_process(tmp_path):
         results[n] = json.loads(line.split(" ", 1)[1])
     assert results[2]["world"] == 2
     assert abs(results[2]["auc"] - results[1]["auc"]) < 0.05, results
+
+
+def test_an_empty_training_split_is_refused(toy, tmp_path):
+    splits, vocab, _ = toy
+    empty = {**splits, "train": splits["train"].subset(np.zeros(0, dtype=np.int64))}
+    with pytest.raises(ValueError, match="no training examples"):
+        _fit(empty, vocab, tmp_path / "run", epochs=1)
+
+
+def test_dense_steps_follow_the_cut_rule():
+    """Dense training steps predict event t+1 only where it starts a new second, as the splits' cuts do."""
+    from fastinterest.train.trainer import _cut_steps, _dense_interest_labels
+
+    times = np.array([[10, 10, 11, 12, 12, 0], [5, 6, 7, 8, 9, 10]])
+    cats = np.array([[2, 3, 4, 5, 2, 0], [2, 2, 3, 3, 4, 4]])
+    lengths = np.array([5, 6])
+    assert _cut_steps(times, lengths).tolist() == [[False, True, True, False, False], [True] * 5]
+    rows, steps, labels = _dense_interest_labels(cats, lengths, 10, 1, 6, np.random.default_rng(0), times)
+    assert sorted(steps[rows == 0].tolist()) == [1, 2] and sorted(steps[rows == 1].tolist()) == [0, 1, 2, 3, 4]
+    for r, t, lab in zip(rows, steps, labels):
+        assert np.flatnonzero(lab).tolist() == [cats[r, t + 1]]
+    rows, steps, _ = _dense_interest_labels(cats, lengths, 10, 1, 6, np.random.default_rng(0))  # no timestamps
+    assert sorted(steps[rows == 0].tolist()) == [0, 1, 2, 3]
+
+
+def test_raised_share_gain_keeps_a_calibrated_bias(toy):
+    from fastinterest.train.warmstart import fit_warm_start
+
+    splits, _, _ = toy
+    plain = fit_warm_start(splits["train"], 2 + 12 * 8, 14)
+    sharp = fit_warm_start(splits["train"], 2 + 12 * 8, 14, min_share_gain=3 * plain["share_gain"])
+    assert sharp["fitted_share_gain"] == pytest.approx(plain["share_gain"])
+    assert sharp["share_gain"] == pytest.approx(3 * plain["share_gain"])
+    assert sharp["interest_bias"] < plain["interest_bias"]  # a steeper gain on shares >= 0 needs a lower bias
 
 
 def test_fit_logistic_matches_sklearn():

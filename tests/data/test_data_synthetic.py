@@ -36,6 +36,16 @@ def test_planted_interests_map_back_and_dominate_events(synthetic):
         planted_interests(synthetic["summary"]["truth"], synthetic["prepared"], key="wrong key")
 
 
+def test_every_planted_interest_drives_a_real_share_of_behaviour(synthetic):
+    """Weights have a floor (default 0.2): no planted interest that produces next to no events."""
+    truth = json.loads((synthetic["root"] / "events.truth.json").read_text())
+    weights = [w for person in truth["people"] for w in person["weights"]]
+    assert min(weights) >= 0.2 - 1e-4
+    assert all(abs(sum(person["weights"]) - 1) < 1e-3 for person in truth["people"])
+    with pytest.raises(ValueError, match="min_interest_weight"):
+        generate_synthetic(1000, synthetic["root"] / "x.csv", min_interest_weight=0.4)
+
+
 def test_next_item_beats_popularity(synthetic):
     """A trivial sequence rule (repeat the last item) beats the most-popular-item guess by far."""
     prepared = load_prepared(synthetic["prepared"])

@@ -33,7 +33,7 @@ from .prepared import EventTable, Prepared
 class SequenceBatch:
     """Examples as numpy arrays (N examples, T = max_len, C = category vocabulary size).
 
-    ``item``/``category``/``action``/``platform`` are int64 ``[N, T]``, left-aligned: the first
+    ``item``/``category``/``action``/``platform``/``timestamp`` are int64 ``[N, T]``, left-aligned: the first
     ``lengths[i]`` columns hold the events in time order, the rest is 0 (``<pad>``).
     """
 
@@ -46,6 +46,8 @@ class SequenceBatch:
     target_item: np.ndarray         # int64 [N] the item of the first label event (0 when no label)
     target_categories: np.ndarray   # float32 [N, C] multi-hot categories of the label window
     cut_time: np.ndarray            # int64 [N] time of the first label event; inputs are strictly earlier
+    timestamp: np.ndarray           # int64 [N, T] unix seconds of each input event (0 at pads): lets training
+                                    # apply the cut rule inside a history (steps that end a second)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -151,7 +153,8 @@ def _gather(events: EventTable, tl: _Timeline, person: np.ndarray, cut: np.ndarr
     n = len(cut)
     lo = np.maximum(cut - max_len, tl.start[person])
     lengths = (cut - lo).astype(np.int64)
-    mats = {name: np.zeros((n, max_len), dtype=np.int64) for name in ("item", "category", "action", "platform")}
+    mats = {name: np.zeros((n, max_len), dtype=np.int64)
+            for name in ("item", "category", "action", "platform", "timestamp")}
     columns = np.arange(max_len)
     last = max(len(events) - 1, 0)
     for b in range(0, n, block):  # bounded temporaries

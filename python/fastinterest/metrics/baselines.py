@@ -31,6 +31,8 @@ def training_sequences(train, field: str = "item") -> list[np.ndarray]:
     lengths = np.asarray(train.lengths)
     persons = np.asarray(train.person)
     cut = np.asarray(getattr(train, "cut_time", lengths))
+    if not len(persons):
+        return []
     # the row with the latest cut (then the longest history) per person
     order = np.lexsort((lengths, cut, persons))
     last_of_person = np.r_[persons[order][1:] != persons[order][:-1], True]

@@ -58,7 +58,7 @@ def resolve_layers(layers: str) -> str:
 class EventEmbedding(nn.Module):
     """Four embedding tables; an event's vector is their sum. Parameter names: `{field}.weight`."""
 
-    def __init__(self, vocab_sizes, dim: int, layers: str = "torch"):
+    def __init__(self, vocab_sizes, dim: int, layers: str = "torch", item_dropout: float = 0.0):
         super().__init__()
         emb_cls = nn.Embedding
         if resolve_layers(layers) == "fastinterest":
@@ -66,12 +66,18 @@ class EventEmbedding(nn.Module):
         for name, n in zip(FIELDS, vocab_sizes):
             setattr(self, name, emb_cls(int(n), dim, padding_idx=0))
         self.dim = dim
+        self.item_dropout = float(item_dropout)
 
     def forward(self, ids) -> torch.Tensor:
         """ids: 4 tensors [B, T] -> [B, T, D]."""
         out = None
         for name, x in zip(FIELDS, ids):
             e = getattr(self, name)(x)
+            if name == "item" and self.training and self.item_dropout > 0:
+                # item dropout: in training, an event's item vector is left out (as for an unknown item) with
+                # probability item_dropout, so the sequence state cannot rest on memorised rare item ids
+                keep = torch.rand(x.shape, device=e.device) >= self.item_dropout
+                e = e * keep.unsqueeze(-1).to(e.dtype)
             out = e if out is None else out + e
         return out
 
@@ -87,11 +93,11 @@ class LSTMEncoder(nn.Module):
     """EventEmbedding -> LSTM. forward(ids, lengths) -> (user [B, H], outputs [B, T, H])."""
 
     def __init__(self, vocab_sizes, embedding_dim: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, layers: str = "fastinterest"):
+                 dropout: float = 0.0, layers: str = "fastinterest", item_dropout: float = 0.0):
         super().__init__()
         self.requested_layers = layers
         self.layers = resolve_layers(layers)
-        self.embeddings = EventEmbedding(vocab_sizes, embedding_dim, self.layers)
+        self.embeddings = EventEmbedding(vocab_sizes, embedding_dim, self.layers, item_dropout)
         lstm_cls = _fastinterest_modules()[1] if self.layers == "fastinterest" else nn.LSTM
         self.lstm = lstm_cls(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True,
                              dropout=dropout if num_layers > 1 else 0.0)

@@ -87,12 +87,13 @@ class InterestModel(nn.Module):
     def __init__(self, num_items: int, num_categories: int, num_actions: int, num_platforms: int, *,
                  embedding_dim: int = 64, hidden_size: int = 128, num_layers: int = 1, dropout: float = 0.1,
                  encoder: str = "lstm", layers: str = "fastinterest", history_share: bool = True,
-                 repeat_term: bool = True):
+                 repeat_term: bool = True, item_dropout: float = 0.0, item_init_std: float = 1.0):
         super().__init__()
+        self.item_init_std = float(item_init_std)
         vocab_sizes = [num_items, num_categories, num_actions, num_platforms]
         kw = dict(embedding_dim=embedding_dim, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout)
         if encoder == "lstm":
-            self.encoder = LSTMEncoder(vocab_sizes, layers=layers, **kw)
+            self.encoder = LSTMEncoder(vocab_sizes, layers=layers, item_dropout=item_dropout, **kw)
         elif encoder == "mlp":
             self.encoder = PooledEncoder(vocab_sizes, layers=layers, **{**kw, "num_layers": max(2, num_layers)})
         else:
@@ -109,13 +110,18 @@ class InterestModel(nn.Module):
                        "num_actions": int(num_actions), "num_platforms": int(num_platforms),
                        "embedding_dim": int(embedding_dim), "hidden_size": int(hidden_size),
                        "num_layers": int(num_layers), "dropout": float(dropout), "encoder": encoder,
-                       "layers": layers, "history_share": self.history_share, "repeat_term": self.repeat_term}
+                       "layers": layers, "history_share": self.history_share, "repeat_term": self.repeat_term,
+                       "item_dropout": float(item_dropout), "item_init_std": float(item_init_std)}
         self._init_weights()
 
     def _init_weights(self) -> None:
         for name in FIELDS:
             emb = getattr(self.encoder.embeddings, name)
-            nn.init.normal_(emb.weight, std=1.0)  # torch.nn.Embedding's default; small inits plateau
+            # std 1: torch.nn.Embedding's default (small inits plateau); the item table may start smaller
+            # (`item_init_std`): it is also the item head's output table, where the random rows of items that
+            # training rarely or never touches add noise of the query's size to every full-ranking score
+            std = self.item_init_std if name == "item" else 1.0
+            nn.init.normal_(emb.weight, std=std)
             with torch.no_grad():
                 emb.weight[0].zero_()
         if self.history_share:
