@@ -135,8 +135,14 @@ def test_parity_large_batch(backend):
     x = torch.randn(B, T, E)
     lengths = torch.randint(0, T + 1, (B,))
     hx = (torch.randn(2, B, H), torch.randn(2, B, H))
+    _check_train_and_infer(m, ref, x, lengths, hx, True)
+
+
+def _check_train_and_infer(m, ref, x, lengths, hx, batch_first):
+    """m against torch.nn.LSTM `ref` (same weights), float32: outputs, h_n, c_n, the input and every
+    parameter gradient with autograd, then the no-grad path's output and c_n. Returns the reference."""
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, True)
+    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, batch_first)
     o, (h, c) = m(x2, hx, lengths=lengths)
     _close(o, ro.detach(), torch.float32, "output")
     _close(h, rh.detach(), torch.float32, "h_n")
@@ -235,20 +241,7 @@ def test_blas_path_parity(blas_for_every_batch, cfg):
     lengths = torch.tensor([5, 7, 0, 1, 7, 3])
     L = num_layers * (2 if bidir else 1)
     hx = (torch.randn(L, B, H), torch.randn(L, B, H)) if with_hx else None
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, bf)
-    o, (h, c) = m(x2, hx, lengths=lengths)
-    for a, b_, w in ((o, ro, "output"), (h, rh, "h_n"), (c, rc, "c_n")):
-        _close(a, b_.detach(), torch.float32, w)
-    _loss(ro, rh, rc).backward()
-    _loss(o, h, c).backward()
-    _close(x2.grad, x1.grad, torch.float32, "grad input", grad=True)
-    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
-        _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
-    with torch.no_grad():
-        o2, (h2, c2) = m(x, hx, lengths=lengths)
-    _close(o2, ro.detach(), torch.float32, "no-grad output")
-    _close(c2, rc.detach(), torch.float32, "no-grad c_n")
+    _check_train_and_infer(m, ref, x, lengths, hx, bf)
     # EmbeddingLSTM inference: projected tables (two fields) through the BLAS path
     emb = [torch.nn.Embedding(30, E), torch.nn.Embedding(4, E)]
     if not bidir and bf:

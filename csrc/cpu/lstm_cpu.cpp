@@ -831,39 +831,6 @@ whh_packed / wih_packed ('fwd' panels), bias [4H] (b_ih + b_hh) or 0. h0, c0, h_
 steps past a sequence's length are zero. Batches smaller than project_below project every step's
 input first (x mode).)doc");
 
-  m.def("lstm_input_projection",
-        [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d, const MatDesc& x, int64_t E,
-           std::uintptr_t wih_packed, std::uintptr_t bias, std::uintptr_t out, int64_t ldo) {
-          check_dtype(dtype);
-          PlanOwner po(plan_d);
-          Plan& pl = po.pl;
-          std::vector<int64_t> scratch(static_cast<size_t>(2 * std::max<int64_t>(pl.N, 1)));
-          auto run = [&](auto tag) {
-            using T = decltype(tag);
-            ProjArgs<T> a;
-            a.plan = &pl;
-            a.scratch = scratch.data();
-            a.H = H;
-            a.E = E;
-            a.reverse = reverse;
-            a.nthreads = std::max(1, nthreads);
-            a.x = to_mat<const T>(std::optional<MatDesc>(x));
-            a.wih_packed = ptr<const T>(wih_packed);
-            a.bias = bias ? ptr<const T>(bias) : nullptr;
-            a.out = ptr<T>(out);
-            a.ldo = ldo;
-            py::gil_scoped_release nogil;
-            run_projection<T>(a);
-          };
-          if (dtype == 0) run(float{});
-          else run(double{});
-        },
-        py::arg("dtype"), py::arg("nthreads"), py::arg("H"), py::arg("reverse"), py::arg("plan"), py::arg("x"),
-        py::arg("E"), py::arg("wih_packed"), py::arg("bias"), py::arg("out"), py::arg("ldo"),
-        R"doc(Input projection of one direction for every valid step at once: out [N, ldo] (4H columns, packed
-rows) = x W_ih^T + bias, x a descriptor (packed rows or padded, E columns), wih_packed the 'fwd'
-panels of W_ih [4H, E], bias [4H] or 0. A register-blocked GEMM over all rows (for tiny batches).)doc");
-
   m.def("lstm_set_sgemm",
         [](std::uintptr_t fn, int64_t min_rows) {
           if (fn) {  // self-test on a 2x3x2 product before trusting the address
