@@ -159,6 +159,46 @@ def test_half_rows_accumulate_in_float32(backend, wdtype):
     torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
 
 
+# The C++ forward compiles the common widths (16, 32, 64, 128) as their own kernels and handles every
+# other width with a runtime stride (blocks of 64 and 8 columns, then a scalar tail): check each shape
+# of that block structure, every storage type, with and without per-sample weights and padding_idx,
+# against the same rows summed in float64. The bags are long enough to exercise the prefetch that
+# reaches into the next bags.
+@pytest.mark.parametrize("backend", ["ext", "numba"])
+@pytest.mark.parametrize("D", [8, 16, 32, 40, 64, 72, 77, 128, 136, 203])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_every_width_and_storage(backend, D, wdtype):
+    if _dispatch.why_not("embedding_bag", backend, "cpu", wdtype):
+        pytest.skip(_dispatch.why_not("embedding_bag", backend, "cpu", wdtype))
+    V, B = 300, 9
+    g = torch.Generator().manual_seed(D)
+    sizes = torch.randint(0, 40, (B,), generator=g)
+    sizes[3] = 0
+    idx = torch.randint(0, V, (int(sizes.sum()),), generator=g)
+    idx[::7] = 5  # padding_idx occurrences
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
+    psw = torch.rand(idx.numel(), generator=g) + 0.5
+    w = torch.randn(V, D, generator=g)
+    for mode, padding_idx, p in [("sum", None, None), ("sum", 5, None), ("sum", None, psw), ("sum", 5, psw),
+                                 ("mean", None, None), ("mean", 5, None)]:
+        ours = fnn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx, _weight=w, weight_dtype=wdtype,
+                                backend=backend)
+        with torch.no_grad():
+            out = ours(idx, offsets, per_sample_weights=p)
+        rows = ours.weight.detach().double()
+        if padding_idx is not None:
+            rows[padding_idx] = 0.0
+        expect = TF.embedding_bag(idx, rows, offsets, mode="sum", per_sample_weights=None if p is None else p.double())
+        if mode == "mean":
+            kept = torch.zeros(B, dtype=torch.float64).index_add_(
+                0, torch.repeat_interleave(torch.arange(B), sizes), (idx != (padding_idx if padding_idx is not None
+                                                                            else -1)).double())
+            expect = expect / kept.clamp(min=1).unsqueeze(1)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{mode} padding_idx={padding_idx} psw={p is not None}: {m}")
+
+
 # ---------------------------------------------------------------- fused optimizers
 TORCH_OPT = {
     "sgd": (lambda: fopt.FusedSGD(lr=0.3), lambda p: torch.optim.SGD(p, lr=0.3)),

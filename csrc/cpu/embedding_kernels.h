@@ -117,28 +117,39 @@ inline __m256 load8(const bf16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-template <int NV, typename W, typename I>
-inline void sum_block(const W* __restrict weight, int64_t V, int64_t D, int64_t c0, const I* __restrict idx,
-                      int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip, float scale,
-                      float* __restrict out, bool& bad) {
+// Columns [c0, c0 + 8 NV) of one bag's sum. The per-sample weights (PSW) and, for the common widths, the
+// row stride (DS = D; 0 = known only at run time) are template parameters: with them the loop body is
+// the same handful of instructions as a hand-written kernel for that shape. Measured on the headline
+// case (D = 64, 2 threads): the earlier form with runtime psw / stride branches and a per-bag dispatch
+// was 13% (uniform) to 35% (Zipf) slower than this one, which matches torch's JIT-generated kernel.
+// Each index is validated as it is read (an invalid one sets `bad` and its row is never touched); the
+// row PF positions ahead is prefetched after the check, so the demand loads of this row go first.
+template <int NV, bool PSW, int DS, typename W, typename I>
+inline int64_t sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int64_t c0, const I* __restrict idx,
+                         int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip,
+                         float* __restrict out, bool& bad) {
   constexpr int64_t PF = 12;
+  constexpr int64_t lines = (NV * 8 * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+  const int64_t D = DS ? DS : Drt;
   __m256 acc[NV];
 #pragma GCC unroll 8
   for (int k = 0; k < NV; ++k) acc[k] = _mm256_setzero_ps();
-  const int64_t lines = (NV * 8 * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+  int64_t count = 0;
+  bool badrow = false;
   for (int64_t j = start; j < end; ++j) {
-    if (j + PF < N) {
-      const char* p = reinterpret_cast<const char*>(weight + static_cast<int64_t>(idx[j + PF]) * D + c0);
-      for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 1);
-    }
+    const int64_t pj = j + PF < N ? j + PF : j;
+    const char* p = reinterpret_cast<const char*>(weight + static_cast<int64_t>(idx[pj]) * D + c0);
     const int64_t r = static_cast<int64_t>(idx[j]);
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {  // validated here, never read
-      bad = true;
+      badrow = true;
       continue;
     }
     if (r == skip) continue;
+    ++count;
     const W* row = weight + r * D + c0;
-    if (psw) {
+#pragma GCC unroll 8
+    for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 1);
+    if constexpr (PSW) {
       const __m256 s = _mm256_set1_ps(psw[j]);
 #pragma GCC unroll 8
       for (int k = 0; k < NV; ++k) acc[k] = _mm256_fmadd_ps(load8(row + 8 * k), s, acc[k]);
@@ -147,52 +158,86 @@ inline void sum_block(const W* __restrict weight, int64_t V, int64_t D, int64_t 
       for (int k = 0; k < NV; ++k) acc[k] = _mm256_add_ps(acc[k], load8(row + 8 * k));
     }
   }
-  const __m256 sc = _mm256_set1_ps(scale);
+  if (badrow) bad = true;
 #pragma GCC unroll 8
-  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + c0 + 8 * k, _mm256_mul_ps(acc[k], sc));
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + c0 + 8 * k, acc[k]);
+  return count;
 }
 
-// out[0..D) for one bag; returns false when this path does not apply (double tables). Sets `bad` (and
-// reads no row for it) when an index is outside [0, V).
-template <typename W, typename A, typename I>
-inline bool bag_sum_simd(const W* weight, int64_t V, int64_t D, const I* idx, int64_t start, int64_t end,
-                         int64_t N, const A* psw, int64_t skip, bool mean, A* out, bool& bad) {
-  if constexpr (!std::is_same<A, float>::value) {
-    return false;
-  } else {
-    int64_t count = 0;
-    if (mean)
-      for (int64_t j = start; j < end; ++j) count += static_cast<int64_t>(idx[j]) != skip;
-    const float scale = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
-    int64_t c0 = 0;
-    for (; c0 + 64 <= D; c0 += 64) sum_block<8>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad);
-    switch ((D - c0) / 8) {
-      case 7: sum_block<7>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 6: sum_block<6>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 5: sum_block<5>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 4: sum_block<4>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 3: sum_block<3>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 2: sum_block<2>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      case 1: sum_block<1>(weight, V, D, c0, idx, start, end, N, psw, skip, scale, out, bad); break;
-      default: break;
-    }
-    c0 += (D - c0) / 8 * 8;
-    if (c0 < D) {  // the last D % 8 columns
-      for (int64_t d = c0; d < D; ++d) out[d] = 0.0f;
-      for (int64_t j = start; j < end; ++j) {
-        const int64_t r = static_cast<int64_t>(idx[j]);
-        if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {
-          bad = true;
-          continue;
-        }
-        if (r == skip) continue;
-        const float s = psw ? psw[j] : 1.0f;
-        for (int64_t d = c0; d < D; ++d) out[d] += s * load<W, float>(weight + r * D + d);
-      }
-      for (int64_t d = c0; d < D; ++d) out[d] *= scale;
-    }
-    return true;
+// One bag, all D columns (blocks of 64, then one block of the remaining multiple of 8, then a scalar
+// tail); mean divides by the number of rows summed (padding_idx excluded). With DS > 0 the block
+// structure is resolved at compile time.
+template <int DS, bool PSW, typename W, typename I>
+inline void sum_bag(const W* weight, int64_t V, int64_t Drt, const I* idx, int64_t start, int64_t end, int64_t N,
+                    const float* psw, int64_t skip, bool mean, float* out, bool& bad) {
+  const int64_t D = DS ? DS : Drt;
+  int64_t count = 0, c0 = 0;
+  for (; c0 + 64 <= D; c0 += 64)
+    count = sum_block<8, PSW, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out, bad);
+  switch ((D - c0) / 8) {
+#define FI_SUM_TAIL(nv) \
+  case nv: count = sum_block<nv, PSW, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out, bad); break;
+    FI_SUM_TAIL(7) FI_SUM_TAIL(6) FI_SUM_TAIL(5) FI_SUM_TAIL(4) FI_SUM_TAIL(3) FI_SUM_TAIL(2) FI_SUM_TAIL(1)
+#undef FI_SUM_TAIL
+    default: break;
   }
+  c0 += (D - c0) / 8 * 8;
+  if ((DS == 0 || DS % 8 != 0) && c0 < D) {  // the last D % 8 columns
+    count = 0;
+    for (int64_t d = c0; d < D; ++d) out[d] = 0.0f;
+    for (int64_t j = start; j < end; ++j) {
+      const int64_t r = static_cast<int64_t>(idx[j]);
+      if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {
+        bad = true;
+        continue;
+      }
+      if (r == skip) continue;
+      ++count;
+      const float s = PSW ? psw[j] : 1.0f;
+      for (int64_t d = c0; d < D; ++d) out[d] += s * load<W, float>(weight + r * D + d);
+    }
+  }
+  if (mean && count > 0) {
+    const float inv = 1.0f / static_cast<float>(count);
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
+}
+
+// The whole float sum/mean forward (every bag) for one (stride, psw) instantiation; same contract as
+// bag_forward (returns true when some bag had bad bounds or an invalid index; such bags are zeroed).
+template <int DS, bool PSW, typename W, typename I, typename O>
+bool sum_bags(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N, const O* off, int64_t B,
+              const float* psw, int64_t skip, bool mean, float* out, int nt) {
+  bool bad = false;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static) reduction(|| : bad)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
+    const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
+    float* o = out + b * D;
+    bool badrow = !(start >= 0 && start <= end && end <= N);
+    if (!badrow) sum_bag<DS, PSW>(weight, V, D, idx, start, end, N, psw, skip, mean, o, badrow);
+    if (badrow) {
+      bad = true;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    }
+  }
+  return bad;
+}
+
+template <typename W, typename I, typename O>
+bool sum_bags_dispatch(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N, const O* off, int64_t B,
+                       const float* psw, int64_t skip, bool mean, float* out, int nt) {
+#define FI_SUM_BAGS(ds)                                                                                    \
+  return psw ? sum_bags<ds, true, W, I, O>(weight, V, D, idx, N, off, B, psw, skip, mean, out, nt)        \
+             : sum_bags<ds, false, W, I, O>(weight, V, D, idx, N, off, B, psw, skip, mean, out, nt);
+  switch (D) {
+    case 16: FI_SUM_BAGS(16)
+    case 32: FI_SUM_BAGS(32)
+    case 64: FI_SUM_BAGS(64)
+    case 128: FI_SUM_BAGS(128)
+    default: FI_SUM_BAGS(0)
+  }
+#undef FI_SUM_BAGS
 }
 #endif
 
@@ -215,6 +260,13 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
     const int64_t r = static_cast<int64_t>(idx[j]);
     if (r < 0 || r >= V) bad = true;
   }
+#ifdef FI_SIMD_AVX2
+  if constexpr (std::is_same<A, float>::value) {  // float sum/mean: the vector kernels above
+    if (mode != static_cast<int>(Mode::kMax))
+      return sum_bags_dispatch<W, I, O>(weight, V, D, idx, N, off, B, psw, skip_idx,
+                                        mode == static_cast<int>(Mode::kMean), out, nt) || bad;
+  }
+#endif
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(|| : bad)
   {
     std::vector<A> accv(static_cast<size_t>(D));
@@ -225,20 +277,6 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
       const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
       A* o = out + b * D;
       bool ok = start >= 0 && start <= end && end <= N;
-#ifdef FI_SIMD_AVX2
-      // the float sum/mean path checks each index as it reads it (one fewer pass over the bag)
-      if (ok && mode != static_cast<int>(Mode::kMax)) {
-        bool badrow = false;
-        if (bag_sum_simd<W, A, I>(weight, V, D, idx, start, end, N, psw, skip_idx,
-                                  mode == static_cast<int>(Mode::kMean), o, badrow)) {
-          if (badrow) {
-            bad = true;
-            for (int64_t d = 0; d < D; ++d) o[d] = A(0);
-          }
-          continue;
-        }
-      }
-#endif
       for (int64_t j = start; ok && j < end; ++j) {
         const int64_t r = static_cast<int64_t>(idx[j]);
         ok = r >= 0 && r < V;
