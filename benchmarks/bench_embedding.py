@@ -18,7 +18,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Sweep, check_close, measure, setup_threads  # noqa: E402
+from harness import Sweep, check_close, measure, measure_interleaved, setup_threads  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -86,38 +86,40 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
     ps = torch.rand(B * L, device=device) if psw else None
     case = dict(V=V, D=D, B=B, L=L, dist=dist, psw=psw)
     sync = sync_fn(device)
-    rows_bytes = B * L * D * 4
     with torch.no_grad():
         expect = ref(idx, offsets, per_sample_weights=ps)
-        st = measure(lambda: ref(idx, offsets, per_sample_weights=ps), sync=sync)
-        sweep.add({**case, "rows": "float32"}, "torch", st, GBps=rows_bytes / 1e6 / st["median_ms"])
-        if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_gather_sum") and not psw:
-            out = torch.empty(B, D)
-            nt = torch.get_num_threads()
-            st = measure(lambda: _ext.cpu().probe_gather_sum(w32.data_ptr(), D, idx.data_ptr(), B, L, out.data_ptr(),
-                                                              8, nt))
-            sweep.add({**case, "rows": "float32"}, "probe-gather", st, GBps=rows_bytes / 1e6 / st["median_ms"])
-            # streaming read of the whole table: the ceiling for any access pattern
-            st = measure(lambda: _ext.cpu().probe_seq_read(w32.data_ptr(), w32.numel(), nt), repeat=7)
-            sweep.add({**case, "rows": "float32"}, "probe-seqread", st, GBps=w32.numel() * 4 / 1e6 / st["median_ms"])
+        # every provider is built and checked first, then all are timed round-robin (measure_interleaved)
+        calls = {("torch", "float32"): lambda: ref(idx, offsets, per_sample_weights=ps)}
+        elem = {"float32": 4}
         for wd in weight_dtypes:
             dt = getattr(torch, wd)
+            elem[wd] = torch.tensor([], dtype=dt).element_size()
             for b, name in fi_backends(device, dt):
                 mod = fnn.EmbeddingBag(V, D, mode="sum", _weight=w32, weight_dtype=dt, backend=b, device=device)
                 got = mod(idx, offsets, per_sample_weights=ps)
                 tol = 1e-4 if wd == "float32" else 5e-2 * math.sqrt(L)
                 check_close(got, expect, atol=tol, rtol=1e-3 if wd == "float32" else 2e-2, what=f"{name} {wd}")
-                st = measure(lambda: mod(idx, offsets, per_sample_weights=ps), sync=sync)
-                elem = torch.tensor([], dtype=dt).element_size()
-                sweep.add({**case, "rows": wd}, name, st, GBps=B * L * D * elem / 1e6 / st["median_ms"])
-                del mod
+                calls[(name, wd)] = (lambda m: lambda: m(idx, offsets, per_sample_weights=ps))(mod)
         if device == "cpu" and not psw:
             tbe = fbgemm_tbe(V, D, w32, "sgd", 0.01)
             if tbe is not None:
-                got = tbe(idx.long(), torch.cat([offsets, torch.tensor([B * L])]).long())
+                full_offsets = torch.cat([offsets, torch.tensor([B * L])]).long()
+                got = tbe(idx.long(), full_offsets)
                 check_close(got, expect, atol=1e-4, rtol=1e-3, what="fbgemm forward")
-                st = measure(lambda: tbe(idx.long(), torch.cat([offsets, torch.tensor([B * L])]).long()))
-                sweep.add({**case, "rows": "float32"}, "fbgemm", st, GBps=rows_bytes / 1e6 / st["median_ms"])
+                calls[("fbgemm", "float32")] = lambda: tbe(idx.long(), full_offsets)
+        if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_gather_sum") and not psw:
+            out = torch.empty(B, D)
+            nt = torch.get_num_threads()
+            calls[("probe-gather", "float32")] = lambda: _ext.cpu().probe_gather_sum(
+                w32.data_ptr(), D, idx.data_ptr(), B, L, out.data_ptr(), 8, nt)
+        stats = measure_interleaved({k: fn for k, fn in calls.items()}, sync=sync)
+        for (name, wd), st in stats.items():
+            sweep.add({**case, "rows": wd}, name, st, GBps=B * L * D * elem[wd] / 1e6 / st["median_ms"])
+        if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_seq_read") and not psw:
+            # streaming read of the whole table: the ceiling for any access pattern
+            nt = torch.get_num_threads()
+            st = measure(lambda: _ext.cpu().probe_seq_read(w32.data_ptr(), w32.numel(), nt), repeat=7)
+            sweep.add({**case, "rows": "float32"}, "probe-seqread", st, GBps=w32.numel() * 4 / 1e6 / st["median_ms"])
 
 
 TORCH_OPTS = {

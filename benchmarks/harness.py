@@ -72,6 +72,35 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 15, sync
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "n": len(times)}
 
 
+def measure_interleaved(fns: dict, *, warmup: int = 2, repeat: int = 15, sync: Callable | None = None,
+                        max_seconds: float = 60.0) -> dict:
+    """Time several providers of the same case round-robin (one call of each per round), so that a slow
+    spell of a shared machine lands on all of them instead of biasing the ratio of whichever ran then.
+    Returns {name: the stats of `measure`}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    if sync:
+        sync()
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times[name]) >= 3:
+            break
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "n": len(ts)}
+    return out
+
+
 def check_close(a, b, *, atol: float, rtol: float, what: str) -> None:
     import torch
 
