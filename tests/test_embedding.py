@@ -196,7 +196,7 @@ def test_forward_every_width_and_storage(backend, D, wdtype):
             expect = expect / kept.clamp(min=1).unsqueeze(1)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5,
-                                   msg=lambda m: f"{mode} padding_idx={padding_idx} psw={p is not None}: {m}")
+                                   msg=f"{mode} padding_idx={padding_idx} psw={p is not None}")
 
 
 # ---------------------------------------------------------------- fused optimizers
