@@ -289,8 +289,8 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
                 s.append_batch(flat[lo:lo + 512], hist[lo:lo + 512])
         del hist
         gc.collect()  # the seeding garbage would otherwise be traversed by collections during the timing
-        news = [[dict(history(vocab, 1, seed=10_000 + r * B + i)[0], timestamp=T0 + 60 * 50) for i in range(B)]
-                for r in range(repeats)]
+        news = [[[dict(history(vocab, 1, seed=10_000 + r * B + i)[0], timestamp=T0 + 60 * 50)] for i in range(B)]
+                for r in range(repeats)]   # the requests, built before the timing: [event] per person
         timings = {"fastinterest": [], "torch": []}
         cpu = {"fastinterest": [], "torch": []}   # CPU time of the calling process: what load from elsewhere on a
                                                    # shared machine inflates far less than the wall clock
@@ -298,7 +298,7 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
         for r in range(repeats):
             for name, s in (("fastinterest", ours), ("torch", stock)):   # interleaved: same machine conditions
                 c0, t0 = time.process_time(), time.perf_counter()
-                s.append_batch(persons[r], [[e] for e in news[r]])
+                s.append_batch(persons[r], news[r])
                 answers[name] = s.interests_batch(persons[r], k=10)
                 timings[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)

@@ -554,6 +554,148 @@ def test_a_restart_without_checkpoint_replays_the_log(trained, tmp_path):
     crashed.close()
 
 
+def test_single_event_path_with_a_state_file_equals_the_general_path(trained, tmp_path):
+    """With a state file, the request path (one INSERT at the log's end, `StateStore.append_events`) leaves the
+    same states and the same log as the general path (every append in a transaction), and a restart restores it."""
+    fast = Session(trained / "run", state=tmp_path / "fast.sqlite3")
+    general = Session(trained / "run", state=tmp_path / "general.sqlite3")
+    general._fp = None
+    st = fast.states
+    persons = [st.keys[r] for r in st.known_rows()[:5]]
+    for s in (fast, general):
+        s.append("fresh", some_events(s, 2, seed=11))
+        _single_event_rounds(s, persons + ["fresh"], WINDOW + 3, seed=12)
+        _single_event_rounds(s, ["fresh"], 2, seed=13)
+    keys = persons + ["fresh"]
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), _state_arrays(fast, keys),
+                          _state_arrays(general, keys)):
+        assert np.array_equal(x, y), name
+    log = "SELECT seq, person, timestamp, item, category, action, platform, raw FROM events ORDER BY seq"
+    assert fast.store._reader.execute(log).fetchall() == general.store._reader.execute(log).fetchall()
+    assert fast.appended_events("fresh") == general.appended_events("fresh")
+    before = _state_arrays(fast, keys)
+    fast.close(), general.close()
+    again = Session(trained / "run", state=tmp_path / "fast.sqlite3")
+    for name, x, y in zip(("h", "c", "window", "n_events", "last_seq", "user"), before, _state_arrays(again, keys)):
+        assert np.array_equal(x, y), name
+    again.close()
+
+
+def test_appends_of_two_processes_on_one_store_interleave(trained, tmp_path):
+    """Two sessions on one state file (two worker processes) append single events to the same persons in turn:
+    each append finds the log moved on by the other one (`append_events` declines), replays those events, and
+    appends after them; both end with the states of the whole log replayed in order."""
+    path = tmp_path / "state.sqlite3"
+    a, b = Session(trained / "run", state=path), Session(trained / "run", state=path)
+    persons = [a.states.keys[r] for r in a.states.known_rows()[:3]]
+    events = some_events(a, 24, seed=21, t0=T0 + 10**6)
+    for i, e in enumerate(events):
+        (a if i % 2 == 0 else b).append(persons[i % 3], [e])
+    seq = a.store.last_seq()
+    assert seq == len(events)
+    assert a.store.append_events([("x", T0, 2, 2, 2, 2, "{}")], after=seq - 1) is None   # the log moved on
+    assert a.store.last_seq() == seq                                                      # nothing written
+    ref = Session(trained / "run", state=":memory:")
+    for i, e in enumerate(events):
+        ref.append(persons[i % 3], [e])
+    for s in (a, b):
+        s.interests_batch(persons)   # a read picks up the other session's last appends
+        for p in persons:
+            got, want = s.person_state(p), ref.person_state(p)
+            assert got["n_events"] == want["n_events"]
+            np.testing.assert_allclose(got["h"], want["h"], atol=1e-6)
+    a.close(), b.close(), ref.close()
+
+
+_KILL_AFTER_APPENDS = """
+import os, signal, sys
+from fastinterest.serve import Session
+s = Session(sys.argv[1], state=sys.argv[2])
+person = s.states.keys[int(s.states.known_rows()[0])]
+for i in range(int(sys.argv[3])):
+    s.append(person, [{"platform": "shop", "action": "view", "item_id": "kill-%d" % i, "timestamp": 1704164136 + i}])
+    print(person, i, flush=True)   # acknowledged
+os.kill(os.getpid(), signal.SIGKILL)   # no close, no checkpoint
+"""
+
+
+def test_an_acknowledged_single_event_append_survives_kill_9(trained, tmp_path):
+    """An append on the request path is committed before it returns: killed right after, the process leaves
+    every acknowledged event in the log, and a restart replays them."""
+    path = tmp_path / "state.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_APPENDS, str(trained / "run"), str(path), "7"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    acked = proc.stdout.split("\n")[:-1]
+    assert len(acked) == 7
+    person = acked[0].split()[0]
+    again = Session(trained / "run", state=path)
+    assert [e["item_id"] for e in again.appended_events(person)] == [f"kill-{i}" for i in range(7)]
+    fresh = Session(trained / "run", state=":memory:")
+    n0 = fresh.person_state(person)["n_events"]
+    assert again.person_state(person)["n_events"] == n0 + 7
+    again.close(), fresh.close()
+
+
+def test_head_topk_ranks_like_a_stable_sort():
+    """`fastpath.head_topk` (rows read straight from the state arrays, the k best by insertion) ranks like the
+    numpy head + `_top_k` (a stable sort): ties by lower id, NaN last, pad and unk (ids 0, 1) after every
+    other id, k up to the number of ids. Integer weights make every logit exact, so that both compute the same
+    probabilities and the rankings must be equal."""
+    from fastinterest.serve import fastpath
+    from fastinterest.serve.session import _top_k
+
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(5)
+    U, C = 6, 10
+    wt = rng.integers(-3, 4, (U, C)).astype(np.float32)
+    wt[:, 4] = wt[:, 2]                    # ids 2 and 4 always tie
+    wt[:, 7] = 0.0                         # id 7: its bias alone
+    b = rng.integers(-2, 3, C).astype(np.float32)
+    b[4] = b[2]
+    b[6] = 60.0                            # id 6 saturates at 1.0
+    b[8] = np.nan                          # id 8: NaN, ranked after every number
+    user = rng.integers(-2, 3, (8, U)).astype(np.float32)
+    user[3] = 0.0                          # every logit its bias: more ties
+    user[5] *= 50.0                        # large logits: probabilities saturate to 0 or 1 (ties)
+    rows = np.asarray([5, 3, 0, 7, 3, 1], np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        probs = (np.float32(1.0) / (np.float32(1.0) + np.exp(-(user[rows] @ wt + b)))).astype(np.float32)
+    probs[:, :2] = -np.inf
+    for k in (1, 3, C - 2, C):
+        idx, val = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
+        fastpath.head_topk(user, rows, wt, b, idx, val)
+        idx_ref, val_ref = _top_k(probs, k)
+        assert np.array_equal(idx, idx_ref), k
+        np.testing.assert_allclose(val, val_ref, rtol=0, atol=1e-6)
+
+
+def test_bound_step_equals_the_module_step(session):
+    """`FusedEngine.bind_step` (the kernel call bound to fixed numpy buffers) = the public `step`; the buffers of
+    an engine without it (stock torch layers) fall back to its `step`."""
+    from fastinterest.serve.session import _StepBuffers
+
+    engine = session.engine
+    L, H = engine.num_layers, engine.hidden_size
+    for B in (1, 5):
+        buf = _StepBuffers(engine, L, B, H, WINDOW, session.states.user_dim, torch.device("cpu"))
+        rng = np.random.default_rng(B)
+        buf.table[:, :4] = np.stack([rng.integers(0, getattr(session.model.encoder.embeddings, f).num_embeddings, B)
+                                     for f in ("item", "category", "action", "platform")], axis=1)
+        buf.h0[...] = rng.standard_normal(buf.h0.shape)
+        buf.c0[...] = rng.standard_normal(buf.c0.shape)
+        buf.step()
+        ids = [torch.from_numpy(buf.table[:, j].copy()) for j in range(4)]
+        h, c = engine.step(ids, (torch.from_numpy(buf.h0.copy()), torch.from_numpy(buf.c0.copy())))
+        assert np.array_equal(buf.h1, h.numpy()) and np.array_equal(buf.c1, c.numpy())
+        if engine.name == "fastinterest":
+            assert buf.step != buf._engine_step   # the bound kernel call
+    stock = TorchEngine(session.model)
+    buf = _StepBuffers(stock, L, 2, H, WINDOW, session.states.user_dim, torch.device("cpu"))
+    assert buf.step == buf._engine_step
+
+
 def test_engine_step_equals_the_module_step(session):
     """The serving step (`EmbeddingLSTM.step_fn`, bound once) = the public `step`: ids as strided columns of an
     events table, and ids out of range raise."""

@@ -13,6 +13,7 @@ Two families, with the same maths and the same weights (those of the run):
 * `FusedEngine` ("fastinterest"): `fastinterest.nn.EmbeddingLSTM` built from the model's tables and
   LSTM; in inference the first layer's input projection is folded into the tables, and `step` is one
   fused kernel call (through `EmbeddingLSTM.step_fn()`, bound to the weights once at warm-up);
+  `bind_step` binds that kernel call to fixed numpy buffers as well (the per-request path of appends);
 * `TorchEngine` ("torch"): stock `torch.nn.Embedding` + `torch.nn.LSTM` (PackedSequence for `run`, a
   one-step sequence for `step`) — what a service built on stock PyTorch layers would do.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,6 +154,79 @@ class FusedEngine:
                 self._step = fn
         except (AttributeError, TypeError, RuntimeError):  # an older module, or its internals changed: public step
             self._step = None
+
+    def bind_step(self, table: np.ndarray, h0: np.ndarray, c0: np.ndarray, h1: np.ndarray, c1: np.ndarray):
+        """A no-argument function that advances B persons by one event between fixed numpy buffers: ids from the
+        columns 0-3 of `table` [B, 5] int64, states h0, c0 -> h1, c1 (each [L, B, H] float32, C-contiguous); or
+        None where the fused CPU kernel does not run (then `step` is the way).
+
+        Why: even `step_fn()` allocates the output tensors and rebuilds the kernel's argument lists (pointers of
+        every table, id column and layer) on every call — about twice the kernel's own time for one person. For
+        buffers allocated once, those lists are fixed, so they are built here once and each call is the kernel
+        call alone. It reaches into `EmbeddingLSTM` internals (the projected tables and packed weights that
+        `step_fn()` itself binds), so it is used only after it gave exactly what the public `step` gives on
+        these buffers; any difference or error -> None."""
+        try:
+            fn = self._bind_kernel(table, h0, c0, h1, c1)
+        except (ImportError, AttributeError, TypeError, KeyError, IndexError, RuntimeError, ValueError):
+            return None
+        if fn is None:
+            return None
+        L, B, H = h0.shape
+        rng = np.random.default_rng(0)
+        vocab = [e.num_embeddings for e in self.net.embeddings]
+        saved = [a.copy() for a in (table, h0, c0)]
+        try:
+            table[:, :4] = np.stack([rng.integers(0, v, B) for v in vocab], axis=1)
+            h0[...] = rng.standard_normal(h0.shape)
+            c0[...] = rng.standard_normal(c0.shape)
+            fn()
+            with torch.no_grad():
+                _, (h_ref, c_ref) = self.net.step([torch.from_numpy(table[:, j].copy()) for j in range(4)],
+                                                  (torch.from_numpy(h0.copy()), torch.from_numpy(c0.copy())))
+            same = np.array_equal(h1, h_ref.numpy()) and np.array_equal(c1, c_ref.numpy())
+        except (TypeError, IndexError, RuntimeError, ValueError):
+            same = False
+        finally:
+            for a, s in zip((table, h0, c0), saved):
+                a[...] = s
+        return fn if same else None
+
+    def _bind_kernel(self, table, h0, c0, h1, c1):
+        """The kernel call of `EmbeddingLSTM.step_fn()`'s fused branch with its arguments fixed (see `bind_step`)."""
+        net = self.net
+        lstm = net.lstm
+        ref = lstm.weight_ih_l0
+        if lstm.bidirectional or ref.device.type != "cpu" or ref.dtype != torch.float32 or \
+                not net._use_projection() or lstm._resolve(ref.device, ref.dtype) != "ext":
+            return None
+        if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] < 4 or not table.flags.c_contiguous:
+            return None
+        L, B, H = h0.shape
+        for a in (h0, c0, h1, c1):
+            if a.dtype != np.float32 or a.shape != (L, B, H) or not a.flags.c_contiguous:
+                return None
+        from ..backends import ext_lstm
+
+        with torch.no_grad():
+            tables = net._projected()[0]
+            ptrs = lstm._serving()
+        if len(tables) != 4 or L != self.num_layers or H != self.hidden_size:
+            return None
+        kernel = ext_lstm.kernel().m.lstm_step
+        code = ext_lstm.DTYPE_CODES[torch.float32]
+        ids, stride = table.ctypes.data, table.strides[0] // table.itemsize
+        tabs = [(t.data_ptr(), t.shape[0], ids + j * table.itemsize, True, stride, 0) for j, t in enumerate(tables)]
+        layer = B * H * 4
+        hl, cl, hnl, cnl = ([a.ctypes.data + i * layer for i in range(L)] for a in (h0, c0, h1, c1))
+        whh, wih, bias = ptrs[0], ptrs[1], ptrs[2]
+        keep = (tables, ptrs, table, h0, c0, h1, c1)   # the memory behind every pointer stays alive with fn
+        get_threads = torch.get_num_threads
+
+        def fn(_keep=keep):
+            kernel(code, get_threads(), B, H, None, 0, tabs, whh, wih, bias, hl, cl, hnl, cnl)
+
+        return fn
 
 
 def make_engine(model, layers: str = "fastinterest", backend: str | None = None):

@@ -183,9 +183,14 @@ class EventEncoder:
         batch of single events — the events are encoded into one [n, 5] table and each result is a row of it."""
         if not all(type(x) is list and len(x) == 1 for x in lists):
             return [self.encode(x) for x in lists]
-        row = self._row
-        table = np.array([row(x[0], 0) for x in lists], dtype=np.int64).reshape(len(lists), 5)
+        table = self.encode_table(lists)
         return [EncodedEvents(table[i:i + 1], raw=(x[0],)) for i, x in enumerate(lists)]
+
+    def encode_table(self, lists: Sequence[list]) -> np.ndarray:
+        """The events of lists that hold one event each (an append batch of single events) as one table [n, 5]
+        (the columns of `EncodedEvents.table`, row i = lists[i][0]); raises EventError like `encode`."""
+        row = self._row
+        return np.array([row(x[0], 0) for x in lists], dtype=np.int64).reshape(len(lists), 5)
 
     def _row(self, ev, i: int) -> tuple:
         """(item, category, action, platform, timestamp) of event number i (raises EventError)."""

@@ -38,13 +38,16 @@ person's stream fits in the window.
 The request path
 ----------------
 An append of one event to each of some known persons (what the service's micro-batches are made of)
-takes the short path: the persons' rows are copied into preallocated step inputs, the LSTM advances by
-one fused step (`EmbeddingLSTM.step_fn()`, bound to the weights at load), and the windows, user vectors
-and the write-back are one call each of `fastpath` (compiled with numba when it is installed, numpy
-otherwise; both checked against the reference code at load). `interests` of known persons reads their
-user vectors and runs the interest head and the top-k in one compiled call (numpy otherwise). Unit
-vectors (for `similar`) are normalised when read, not on every append. Any other append (new persons,
-several events, a person twice in one batch) takes the general path; both give the same states.
+takes the short path, in buffers allocated once per batch size: one compiled call copies the persons'
+states into the step inputs and slides their windows (`fastpath.prepare`), the LSTM advances by one fused
+kernel call bound to those buffers at first use (`FusedEngine.bind_step`; the engine's `step` otherwise),
+and one compiled call writes the results back (`fastpath.publish`; numba when installed, numpy otherwise,
+both checked against the reference code at load). With a state file the events are one INSERT at the end
+of the log, committed before the states are published (`StateStore.append_events`). `interests` of known
+persons runs the interest head and the top-k in one compiled call straight from the state arrays (numpy
+otherwise). Unit vectors (for `similar`) are normalised when read, not on every append. Any other append
+(new persons, several events, a person twice in one batch) takes the general path; both give the same
+states.
 
 Threads
 -------
@@ -97,6 +100,25 @@ class _Subjects:
         return self.window[:, ITEM]
 
 
+_json_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+try:   # the C encoder of `json`, made once: `JSONEncoder.encode` makes one per call, about half the time of a raw event
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring_ascii as _encode_basestring_ascii
+
+    _c_encode = _c_make_encoder(None, str, _encode_basestring_ascii, None, ":", ",", False, False, True)
+except (ImportError, TypeError):  # pragma: no cover - another Python's json
+    _c_encode = None
+
+
+def _raw_json(raw) -> str:
+    """The text of a raw event in the log: `json.dumps(raw, separators=(",", ":"), default=str)`."""
+    if _c_encode is not None and type(raw) is dict:
+        try:
+            return "".join(_c_encode(raw, 0))
+        except Exception:  # noqa: BLE001 - (e.g. a circular dict: no marker check here) the error json.dumps gives
+            pass
+    return _json_encode(raw)
+
+
 @dataclass
 class _PendingAppend:
     """New states computed by an append, not yet visible (`Session._publish`); one row per person."""
@@ -111,7 +133,6 @@ class _PendingAppend:
     user: np.ndarray         # float32 [B, U]
     results: list            # one dict per request
     last_seq: np.ndarray | None = None
-    rows: np.ndarray | None = None    # the persons' rows when all are known (else found at publish)
 
     @property
     def total(self) -> int:
@@ -119,41 +140,68 @@ class _PendingAppend:
 
     def number_events(self, first: int) -> None:
         """Log positions first, first + 1, ... to the events in person order; last_seq per person."""
-        if self.rows is not None:   # `_advance_single`: one event per person
-            self.last_seq = np.arange(first, first + len(self.people), dtype=np.int64)
-        else:
-            self.last_seq = (first - 1 + np.cumsum(self.counts)).astype(np.int64)
+        self.last_seq = (first - 1 + np.cumsum(self.counts)).astype(np.int64)
 
-    def persist(self, db) -> None:
-        """Write the events (the log) inside the caller's transaction; the states are checkpointed later."""
+    def log_rows(self) -> list[tuple]:
+        """The events as rows of the log (`StateStore.insert_events`), in person order."""
         rows = []
         for person, evs in zip(self.people, self.events):
             for e in evs:
-                raws = [json.dumps(r, separators=(",", ":"), default=str) for r in e.raw] if e.raw else ["{}"] * len(e)
+                raws = [_raw_json(r) for r in e.raw] if e.raw else ["{}"] * len(e)
                 for (item, category, action, platform, timestamp), raw in zip(e.table.tolist(), raws):
                     rows.append((person, timestamp, item, category, action, platform, raw))
-        first = StateStore.insert_events(db, rows) if rows else 1
-        self.number_events(first)
+        return rows
 
 
 class _StepBuffers:
-    """The inputs of one LSTM step for B persons, allocated once: states h_np, c_np [L, B, H] float32 and the
-    new events' table_np [B, 5] int64 (numpy), and the same memory as torch tensors for the engine."""
+    """Everything an append of one event to each of B known, distinct persons works in, allocated once per B
+    (`Session._advance_single`; used under the append lock only): the new events' table [B, 5] int64, the persons'
+    rows [B], the step's states h0, c0 -> h1, c1 [L, B, H] float32, and what `fastpath.prepare` derives (slid
+    windows win [B, 4, W], counts n1 [B], user vectors [B, U]); and `step()`, the LSTM
+    step from h0, c0 to h1, c1. Fixed buffers let the step be bound once (`FusedEngine.bind_step`: one kernel
+    call per append, no tensors made); any other engine gets its `step` on tensors that share this memory."""
 
-    def __init__(self, L: int, B: int, H: int, device: torch.device):
-        self.h_np = np.empty((L, B, H), np.float32)
-        self.c_np = np.empty((L, B, H), np.float32)
-        self.table_np = np.empty((B, 5), np.int64)
-        h, c, table = (torch.from_numpy(a) for a in (self.h_np, self.c_np, self.table_np))
-        self._inputs = ([table[:, j] for j in range(4)], (h, c))   # ids: the table's id columns, [B] each
-        self.device = device
+    def __init__(self, engine, L: int, B: int, H: int, W: int, U: int, device: torch.device):
+        self.engine, self.device = engine, device
+        self.table = np.zeros((B, 5), np.int64)
+        self.rows = np.zeros(B, np.int64)
+        self.h0, self.c0, self.h1, self.c1 = (np.zeros((L, B, H), np.float32) for _ in range(4))
+        self.win = np.zeros((B, 4, W), np.int32)
+        self.n1 = np.zeros(B, np.int64)
+        self.user = np.zeros((B, U), np.float32)
+        table, h0, c0 = (torch.from_numpy(a) for a in (self.table, self.h0, self.c0))
+        self._inputs = ([table[:, j] for j in range(4)], (h0, c0))   # ids: the table's id columns, [B] each
+        bind = getattr(engine, "bind_step", None)
+        bound = bind(self.table, self.h0, self.c0, self.h1, self.c1) if bind and device.type == "cpu" else None
+        self.step = bound or self._engine_step
 
-    def inputs(self):
-        """(ids, (h, c)) for `engine.step`: the buffers themselves on the CPU, copies on another device."""
-        if self.device.type == "cpu":
-            return self._inputs
+    def _engine_step(self) -> None:
         ids, (h, c) = self._inputs
-        return [t.to(self.device) for t in ids], (h.to(self.device), c.to(self.device))
+        if self.device.type != "cpu":
+            ids, h, c = [t.to(self.device) for t in ids], h.to(self.device), c.to(self.device)
+        h, c = self.engine.step(ids, (h, c))
+        torch.from_numpy(self.h1).copy_(h)
+        torch.from_numpy(self.c1).copy_(c)
+
+
+class _SingleAppend:
+    """An append computed by `Session._advance_single` in `buf`, not yet visible (`Session._publish`): one event
+    to each of B known, distinct persons."""
+
+    __slots__ = ("people", "raws", "buf", "results", "total", "first")
+
+    def __init__(self, people: list, raws: list, buf: _StepBuffers, results: list):
+        self.people, self.raws, self.buf, self.results = people, raws, buf, results
+        self.total = len(people)
+        self.first = 0   # the log position of the first person's event; the others follow in order
+
+    def number_events(self, first: int) -> None:
+        self.first = first
+
+    def log_rows(self) -> list[tuple]:
+        return [(person, timestamp, item, category, action, platform, _raw_json(raw))
+                for person, raw, (item, category, action, platform, timestamp)
+                in zip(self.people, self.raws, self.buf.table.tolist())]
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +222,8 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _person_key(person) -> str:
+    if type(person) is str and person:   # the usual case, checked first: this runs for every person of a request
+        return person
     if isinstance(person, bool) or not isinstance(person, (str, int, np.integer)):
         raise TypeError(f"a person is a string or an integer id, got {type(person).__name__}")
     key = str(person)
@@ -248,6 +298,7 @@ class Session:
         self._fast_head = self._check_fast_head()
         self._head_topk = self._check_head_topk()
         self._fp = self._check_fastpath()
+        self._num_categories, self._history_share = int(self.model.num_categories), bool(self.model.history_share)
         self._buffers: dict[int, _StepBuffers] = {}   # per batch size, for `_advance_single`
 
         self._lock = threading.RLock()          # guards self.states (reads copy rows under it)
@@ -428,7 +479,7 @@ class Session:
 
     def _check_head_topk(self):
         """The compiled `fastpath.head_topk` if it ranks like the numpy head + `_top_k` (the same ids, the same
-        probabilities within 1e-6) on random user vectors; else None (numpy)."""
+        probabilities within 1e-6) on random user vectors, read through rows in another order; else None (numpy)."""
         fn = fastpath.compiled_head_topk()
         if fn is None or self._fast_head is None:
             return None
@@ -436,13 +487,14 @@ class Session:
         C = wt.shape[1]
         rng = np.random.default_rng(2)
         user = rng.standard_normal((9, wt.shape[0])).astype(np.float32)
+        rows = rng.permutation(len(user))[:7]
         try:
             for k in (1, min(10, C), C):
-                probs = self._interest_probs(user)
+                probs = self._interest_probs(user[rows])
                 probs[:, :2] = -np.inf
                 idx_ref, val_ref = _top_k(probs, k)
-                idx, val = np.empty((len(user), k), np.int64), np.empty((len(user), k), np.float32)
-                fn(user, wt, b, idx, val)
+                idx, val = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
+                fn(user, rows, wt, b, idx, val)
                 if not (np.array_equal(idx, idx_ref) and np.allclose(val, val_ref, rtol=0, atol=1e-6)):
                     warnings.warn("fastpath.head_topk differs from the numpy head: interests use numpy", stacklevel=3)
                     return None
@@ -473,21 +525,20 @@ class Session:
                  "user": np.zeros((P, U), np.float32), "stale": np.zeros(P, bool)}
         rows = np.asarray([4, 0, 2, 3, 6, 1], np.int64)
         table = rng.integers(0, C, (len(rows), 5)).astype(np.int64)
-        seq = np.asarray([3, 1, 10, 1, 2, 4], np.int64)   # rows 4 and 1 hold newer states: not written
+        first = 2   # log positions 2, 3, ..., 7: rows 4 and 2 hold states as new or newer (not written)
         outs = []
         try:
             for impl in (fastpath.NUMPY, fp):
                 st = {k: v.copy() for k, v in state.items()}
                 B = len(rows)
                 h0, c0 = np.empty((L, B, H), np.float32), np.empty((L, B, H), np.float32)
-                win, n0 = np.empty((B, 4, W), np.int32), np.empty(B, np.int64)
-                impl.gather(st["h"], st["c"], st["window"], st["n_events"], rows, h0, c0, win, n0)
+                win, n1, user = np.empty((B, 4, W), np.int32), np.empty(B, np.int64), np.empty((B, U), np.float32)
+                impl.prepare(st["h"], st["c"], st["window"], st["n_events"], rows, table, C, share, h0, c0, win, n1,
+                             user)
                 h1 = np.ascontiguousarray(h0[::-1])  # any new state
-                n1, user = np.empty(B, np.int64), np.empty((B, U), np.float32)
-                impl.slide_and_user(h1[-1], win, n0, table, C, share, n1, user)
-                written = impl.scatter(st["h"], st["c"], st["window"], st["n_events"], st["last_seq"], st["user"],
-                                       st["stale"], rows, h1, c0, win, n1, seq, user)
-                outs.append([h0, c0, win, n0, n1, user, np.asarray(written), *st.values()])
+                written = impl.publish(st["h"], st["c"], st["window"], st["n_events"], st["last_seq"], st["user"],
+                                       st["stale"], rows, h1, c0, win, n1, first, user)
+                outs.append([h0, c0, win, n1, user, np.asarray(written), *st.values()])
                 if impl is fastpath.NUMPY and not np.allclose(user, self._user_vectors(h1[-1], win[:, 1], n1),
                                                               atol=1e-6):
                     warnings.warn("fastpath: its user vectors are not the model's; append takes the general path",
@@ -532,9 +583,11 @@ class Session:
     # ------------------------------------------------------------------ reading states
     def _sync(self) -> None:
         """Pick up the events that other processes sharing the store committed."""
-        # (a commit of this process's own appends also reads as a change; those are applied when they return,
-        # so a read waits for the append lock only when the log holds events this process has not applied)
-        if self.store is not None and self.store.changed() and self.store.last_seq() > self._synced_seq:
+        # One query: the log's last position against the one this process applied up to. (Asking SQLite first
+        # whether anything changed, `StateStore.changed`, costs a query as well, and after each append of this
+        # process it does read as a change, so a read right after an append paid two.) A read waits for the
+        # append lock only when the log holds events this process has not applied.
+        if self.store is not None and self.store.last_seq() > self._synced_seq:
             with self._append_lock:
                 self._catch_up()
 
@@ -701,31 +754,64 @@ class Session:
 
     def interests_batch(self, persons=None, *, events=None, k=10) -> list[dict]:
         """Batch form of `interests`: persons[i] or events[i] per row (the other None); k an int or a list."""
-        subj = self._subjects(persons, events, need_window=False)
-        n = len(subj.rows)
-        ks = self._ks(k, n)
-        # every row through the head (cold rows are answered from popularity below)
-        if self._head_topk is not None:   # compiled: one call for the head and the ranking
-            k = min(max(ks, default=0), self._fast_head[0].shape[1])
-            idx, vals = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
-            self._head_topk(subj.user, self._fast_head[0], self._fast_head[1], idx, vals)
+        known = self._known_interests(persons, k) if events is None and self._head_topk is not None else None
+        if known is not None:   # the request path: known persons by key
+            keys, n_events, ks, idx, vals = known
         else:
-            probs = self._interest_probs(subj.user)
-            probs[:, :2] = -np.inf
-            idx, vals = _top_k(probs, max(ks))
-        idx, vals, is_known, n_events = idx.tolist(), vals.tolist(), subj.known.tolist(), subj.n_events.tolist()
+            subj = self._subjects(persons, events, need_window=False)
+            keys, n_events = subj.keys, subj.n_events.tolist()
+            n = len(keys)
+            ks = self._ks(k, n)
+            # every row through the head (cold rows are answered from popularity below)
+            if self._head_topk is not None:   # compiled: one call for the head and the ranking
+                idx, vals = self._topk_buffers(n, ks)
+                self._head_topk(subj.user, np.arange(n), self._fast_head[0], self._fast_head[1], idx, vals)
+            else:
+                probs = self._interest_probs(subj.user)
+                probs[:, :2] = -np.inf
+                idx, vals = _top_k(probs, max(ks))
+        n = len(keys)
+        idx, vals = idx.tolist(), vals.tolist()
         tokens = self.category_tokens
         k0 = len(idx[0]) if n else 0
         out = []
         for i in range(n):
-            if is_known[i]:
+            if n_events[i] > 0:
                 ids, ps = (idx[i], vals[i]) if ks[i] == k0 else (idx[i][: ks[i]], vals[i][: ks[i]])
-                top = [{"category": tokens[c], "probability": p} for c, p in zip(ids, ps)]
+                out.append({"person": keys[i], "source": "model", "n_events": n_events[i],
+                            "interests": [{"category": tokens[c], "probability": p} for c, p in zip(ids, ps)]})
             else:
-                top = [dict(x) for x in self._cat_pop_answer[: ks[i]]]
-            out.append({"person": subj.keys[i], "source": "model" if is_known[i] else "popularity",
-                        "n_events": n_events[i], "interests": top})
+                out.append({"person": keys[i], "source": "popularity", "n_events": n_events[i],
+                            "interests": [dict(x) for x in self._cat_pop_answer[: ks[i]]]})
         return out
+
+    def _topk_buffers(self, n: int, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        k = min(max(ks, default=0), self._fast_head[0].shape[1])
+        return np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+
+    def _known_interests(self, persons, k):
+        """`interests_batch` of persons given by key when every one is known: (their keys, event counts, ks, and
+        the top ids and probabilities [n, k] of the compiled head), computed from the state arrays under the lock
+        (no copy of the rows first); else None (also with recompute=True, which keeps no user vectors), and the
+        caller takes `_subjects`. The same answers in a few operations: the request path of `interests`."""
+        if self.recompute or not persons or any(p is None for p in persons):
+            return None
+        keys = [_person_key(p) for p in persons]
+        n = len(keys)
+        ks = self._ks(k, n)
+        idx, vals = self._topk_buffers(n, ks)
+        wt, b = self._fast_head
+        self._sync()
+        with self._lock:
+            st = self.states
+            index = st.index
+            found = [index.get(key) for key in keys]
+            if None in found:
+                return None
+            rows = np.array(found, np.int64)
+            self._head_topk(st.user, rows, wt, b, idx, vals)
+            skeys = st.keys
+            return [skeys[r] for r in found], st.n_events[rows].tolist(), ks, idx, vals
 
     # ------------------------------------------------------------------ recommend
     def recommend(self, person=None, *, events=None, k: int = 10, exclude_seen: bool = True) -> dict:
@@ -879,23 +965,34 @@ class Session:
         if len(persons) != len(events):
             raise ValueError(f"{len(persons)} persons but {len(events)} event lists")
         keys = [_person_key(p) for p in persons]
+        if not keys:
+            return []
         if all(type(e) is list and len(e) == 1 for e in events):   # single raw events: one table for the batch
-            encoded = self.encoder.encode_many(events)
+            encoded = self.encoder.encode_table(events)
         else:
             encoded = [self.encode_events(e) for e in events]
-        for i, e in enumerate(encoded):
-            if not len(e):
-                raise EventError(f"append {i}: no events to append")
+            for i, e in enumerate(encoded):
+                if not len(e):
+                    raise EventError(f"append {i}: no events to append")
         with self._append_lock:
             if self.store is None:
-                pending = self._advance(keys, encoded)
+                pending = self._advance(keys, encoded, events)
                 pending.number_events(self._local_seq + 1)
                 self._local_seq += pending.total
             else:
-                with self.store.transaction() as db:
-                    self._catch_up(db)   # other processes' appends first
-                    pending = self._advance(keys, encoded)
-                    pending.persist(db)
+                # computed from the log as this process applied it, and committed at its end if it still ends there
+                pending = self._advance(keys, encoded, events)
+                log = pending.log_rows()
+                first = self.store.append_events(log, after=self._synced_seq)
+                if first is None:   # other processes appended since (or a batch too large for one statement)
+                    with self.store.transaction() as db:
+                        synced = self._synced_seq
+                        self._catch_up(db)   # their events first, then ours from the states they leave
+                        if self._synced_seq != synced:
+                            pending = self._advance(keys, encoded, events)
+                            log = pending.log_rows()
+                        first = self.store.insert_events(db, log)
+                pending.number_events(first)
                 # committed: durable from here on
             self._publish(pending)
             if self.store is not None and self._unsaved >= self.checkpoint_every:
@@ -918,62 +1015,54 @@ class Session:
         self._dirty.clear()
         self._unsaved = 0
 
-    def _advance(self, keys: list[str], encoded: list[EncodedEvents]) -> _PendingAppend:
-        """Compute the new states of the persons in `keys` after their new events (nothing is changed yet)."""
+    def _advance(self, keys: list[str], encoded, raws: Sequence) -> _PendingAppend | _SingleAppend:
+        """Compute the new states of the persons in `keys` after their new events (nothing is changed yet).
+        encoded: a list of EncodedEvents, or, for one event per person, their table [B, 5] (`raws`: the events
+        as sent, [event] per person). Call with the append lock held."""
+        if type(encoded) is np.ndarray:   # one event per person: the request path of `append`
+            if self._fp is not None:
+                index = self.states.index   # only appends change it: no read lock needed under the append lock
+                rows = [index.get(key) for key in keys]
+                if None not in rows and len(set(rows)) == len(rows):   # known and distinct
+                    return self._advance_single(rows, encoded, raws)
+            encoded = [EncodedEvents(encoded[i:i + 1], raw=(e[0],)) for i, e in enumerate(raws)]
         with self._lock:
             st = self.states
-            rows = [st.index.get(key) for key in keys]
-            # the request path of `append`: known persons, each once, one new event each
-            if self._fp is not None and None not in rows and len(set(rows)) == len(rows) and \
-                    all(e.table.shape[0] == 1 for e in encoded):
-                B = len(rows)
-                buf = self._step_buffers(B)
-                r = np.asarray(rows, np.int64)
-                window, n0 = np.empty((B, 4, self.window), np.int32), np.empty(B, np.int64)
-                self._fp.gather(st.h, st.c, st.window, st.n_events, r, buf.h_np, buf.c_np, window, n0)
-                people = [st.keys[i] for i in rows]
-            else:
-                canon = [st.keys[r] if r is not None else key for r, key in zip(rows, keys)]
-                people = None
-        if people is None:
-            return self._advance_general(canon, encoded)
-        return self._advance_single(people, r, encoded, buf, window, n0)
+            canon = [st.keys[r] if (r := st.index.get(key)) is not None else key for key in keys]
+        return self._advance_general(canon, encoded)
 
     def _step_buffers(self, B: int) -> _StepBuffers:
-        """The step inputs for B persons, allocated once per B (used under the append lock only)."""
-        buf = self._buffers.get(B)
-        if buf is None:
-            if len(self._buffers) >= 64:
-                self._buffers.clear()
-            buf = self._buffers[B] = _StepBuffers(self.engine.num_layers, B, self.engine.hidden_size, self.device)
+        """New buffers of `_advance_single` for B persons (kept per B, and remade when the engine changes)."""
+        if len(self._buffers) >= 64:
+            self._buffers.clear()
+        buf = self._buffers[B] = _StepBuffers(self.engine, self.engine.num_layers, B, self.engine.hidden_size,
+                                              self.window, self.states.user_dim, self.device)
         return buf
 
-    def _advance_single(self, people: list[str], rows: np.ndarray, encoded: list[EncodedEvents], buf: _StepBuffers,
-                        window: np.ndarray, n0: np.ndarray) -> _PendingAppend:
-        """`_advance` of known, distinct persons by one event each, from their states (in `buf`), windows
-        [B, 4, W] and counts n0 [B] (copies): one LSTM step, then the windows and user vectors in one call
-        of `fastpath` (compiled when numba is installed: numpy calls, not the arithmetic, are the cost of
-        a few persons)."""
-        B = len(people)
-        table = buf.table_np   # [B, 5]: each person's new event
-        if B == 1:
-            table[...] = encoded[0].table
-        else:
-            np.concatenate([e.table for e in encoded], out=table)
+    def _advance_single(self, rows: list[int], table: np.ndarray, raws: Sequence) -> _SingleAppend:
+        """`_advance` of known, distinct persons (their `rows`) by one event each (`table` [B, 5]): one compiled
+        call for the states, windows, counts and category shares (`fastpath.prepare`), one LSTM step, all in
+        preallocated buffers; the user vectors get their h part, and the state arrays the results, in
+        `_publish` (`fastpath.publish`). Call with the append lock held: nothing else changes the state arrays
+        then, so they are read without the read lock."""
+        B = len(rows)
+        buf = self._buffers.get(B)
+        if buf is None or buf.engine is not self.engine:
+            buf = self._step_buffers(B)
+        buf.rows[:] = rows
+        buf.table[...] = table
+        st = self.states
+        self._fp.prepare(st.h, st.c, st.window, st.n_events, buf.rows, buf.table, self._num_categories,
+                         self._history_share, buf.h0, buf.c0, buf.win, buf.n1, buf.user)
         if self.recompute:  # the stateless baseline keeps no LSTM state
-            h1, c1 = buf.h_np.copy(), buf.c_np.copy()
+            buf.h1[...] = buf.h0
+            buf.c1[...] = buf.c0
         else:
-            h, c = self.engine.step(*buf.inputs())
-            if h.device.type != "cpu" or h.dtype != torch.float32:
-                h, c = h.float().cpu(), c.float().cpu()
-            h1, c1 = h.numpy(), c.numpy()
-        user = np.empty((B, self.states.user_dim), np.float32)
-        n1 = np.empty(B, np.int64)
-        self._fp.slide_and_user(h1[-1], window, n0, table, self.model.num_categories, self.model.history_share,
-                                n1, user)
-        results = [{"person": key, "appended": 1, "n_events": n} for key, n in zip(people, n1.tolist())]
-        return _PendingAppend(people, [[e] for e in encoded], np.ones(B, np.int64), h1.transpose(1, 0, 2),
-                              c1.transpose(1, 0, 2), window, n1, user, results, rows=rows)
+            buf.step()
+        keys = st.keys
+        people = [keys[r] for r in rows]
+        results = [{"person": key, "appended": 1, "n_events": n} for key, n in zip(people, buf.n1.tolist())]
+        return _SingleAppend(people, [e[0] for e in raws], buf, results)
 
     def _step(self, table: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One LSTM step from states h0, c0 [L, B, H] (float32, contiguous) by the events table [B, 4+] (ids in
@@ -1043,19 +1132,20 @@ class Session:
             results.append({"person": key, "appended": len(encoded[i]), "n_events": seen[key]})
         return _PendingAppend(people, new, counts, h_np, c_np, window, n1, user, results)
 
-    def _publish(self, p: _PendingAppend) -> None:
+    def _publish(self, p: _PendingAppend | _SingleAppend) -> None:
         """Make computed (and, with a store, committed) states visible to readers."""
         with self._lock:
             st = self.states
-            if p.rows is not None:   # `_advance_single`
-                self._fp.scatter(st.h, st.c, st.window, st.n_events, st.last_seq, st.user, st._unit_stale, p.rows,
-                                 p.h.transpose(1, 0, 2), p.c.transpose(1, 0, 2), p.window, p.n_events, p.last_seq,
-                                 p.user)
-                rows = p.rows
+            if type(p) is _SingleAppend:
+                b = p.buf
+                self._fp.publish(st.h, st.c, st.window, st.n_events, st.last_seq, st.user, st._unit_stale, b.rows,
+                                 b.h1, b.c1, b.win, b.n1, p.first, b.user)
+                rows, last = b.rows, p.first + p.total - 1
             else:
                 rows = self._publish_general(p)
+                last = int(p.last_seq.max(initial=0))
             if self.store is not None:
-                self._synced_seq = max(self._synced_seq, int(p.last_seq.max(initial=0)))
+                self._synced_seq = max(self._synced_seq, last)
                 self._dirty.update(rows.tolist())
                 self._unsaved += p.total
 
