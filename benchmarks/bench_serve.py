@@ -259,11 +259,16 @@ def seed_histories(port: int, persons: list[str], vocab: dict, n: int = 50) -> N
 
 
 # ---------------------------------------------------------------------------- in-process: append vs recompute
-def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = False) -> list[dict]:
+def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = False, block: int = 1) -> list[dict]:
     """append(1 event) + interests: our Session (LSTM state, fused step) against the stateless stock-torch
     Session (records the event, recomputes the person's 51-event history for interests). durable=True: both
     sessions keep their appends in a SQLite state file (WAL, synchronous=NORMAL: every append is one
-    committed transaction before it returns), else in memory only."""
+    committed transaction before it returns), else in memory only.
+
+    block: how many consecutive calls each session makes before the other takes its turn. 1 alternates call
+    by call (each call then finds the other session's model and data in the caches: the cold case); with a
+    block of 10 each session mostly finds its own working set warm, as a server process answering a stream
+    of requests does. Both orders keep the two sessions under the same machine conditions."""
     import numpy as np
     from fastinterest.serve import Session
 
@@ -294,22 +299,25 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
         timings = {"fastinterest": [], "torch": []}
         cpu = {"fastinterest": [], "torch": []}   # CPU time of the calling process: what load from elsewhere on a
                                                    # shared machine inflates far less than the wall clock
-        answers = {}
-        for r in range(repeats):
+        for r0 in range(0, repeats, block):
+            answers: dict = {"fastinterest": {}, "torch": {}}
             for name, s in (("fastinterest", ours), ("torch", stock)):   # interleaved: same machine conditions
-                c0, t0 = time.process_time(), time.perf_counter()
-                s.append_batch(persons[r], news[r])
-                answers[name] = s.interests_batch(persons[r], k=10)
-                timings[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-            for a, b in zip(answers["fastinterest"], answers["torch"]):   # the same answers
-                assert [x["category"] for x in a["interests"]] == [x["category"] for x in b["interests"]]
-                assert np.allclose([x["probability"] for x in a["interests"]],
-                                   [x["probability"] for x in b["interests"]], atol=1e-4)
+                for r in range(r0, min(r0 + block, repeats)):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    s.append_batch(persons[r], news[r])
+                    answers[name][r] = s.interests_batch(persons[r], k=10)
+                    timings[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+            for r in answers["fastinterest"]:   # the same answers
+                for a, b in zip(answers["fastinterest"][r], answers["torch"][r]):
+                    assert [x["category"] for x in a["interests"]] == [x["category"] for x in b["interests"]]
+                    assert np.allclose([x["probability"] for x in a["interests"]],
+                                       [x["probability"] for x in b["interests"]], atol=1e-4)
         for name, label in (("fastinterest", "fastinterest: append(1) = step, interests from the state"),
                             ("torch", "torch: append(1) recorded, interests recompute 51 events")):
             t = sorted(timings[name])
             rows.append({"persons": B, "variant": name, "method": label, "state": "sqlite" if durable else "memory",
+                         "order": "alternating calls" if block == 1 else f"blocks of {block}",
                          "median_ms": 1e3 * statistics.median(t),
                          "min_ms": 1e3 * t[0], "p95_ms": 1e3 * t[int(0.95 * (len(t) - 1))], "calls": len(t),
                          "cpu_median_ms": 1e3 * statistics.median(cpu[name])})
@@ -320,15 +328,16 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
 def inproc_rows(run: Path, vocab: dict, args) -> list[dict]:
     rows = []
     for durable in {"memory": [False], "sqlite": [True], "both": [False, True]}[args.inproc_state]:
-        rows += append_vs_recompute(run, vocab, args.repeats, durable)
+        for block in (1, args.inproc_block):
+            rows += append_vs_recompute(run, vocab, args.repeats, durable, block)
     return rows
 
 
 def print_inproc(rows: list[dict]) -> None:
-    stock = {(r["state"], r["persons"]): r for r in rows if r["variant"] == "torch"}
+    stock = {(r["state"], r["persons"], r["order"]): r for r in rows if r["variant"] == "torch"}
     for r in rows:
-        base = stock[r["state"], r["persons"]]
-        print(f"in-process [{r['state']}] {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
+        base = stock[r["state"], r["persons"], r["order"]]
+        print(f"in-process [{r['state']}, {r['order']}] {r['method']:<58} persons={r['persons']:<3} median {r['median_ms']:.3f} ms  "
               f"min {r['min_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  cpu median {r['cpu_median_ms']:.3f} ms  x torch: "
               f"median {base['median_ms'] / r['median_ms']:.1f}  min {base['min_ms'] / r['min_ms']:.1f}  "
               f"cpu median {base['cpu_median_ms'] / r['cpu_median_ms']:.1f}", flush=True)
@@ -350,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--variants", nargs="+", default=["torch", "fastinterest"], choices=list(VARIANTS))
     ap.add_argument("--repeats", type=int, default=100, help="in-process append-vs-recompute repeats")
+    ap.add_argument("--inproc-block", type=int, default=10,
+                    help="in-process: also time the sessions in alternating blocks of this many calls")
     ap.add_argument("--inproc-only", action="store_true",
                     help="only the in-process append-vs-recompute part (no HTTP servers); prints, writes nothing")
     ap.add_argument("--inproc-state", choices=["memory", "sqlite", "both"], default="both",
@@ -439,16 +450,18 @@ def write(results: list[dict], inproc: list[dict], args, run: Path) -> None:
         lines.append(f"| {r['scenario']} | {r['variant']} | {r['rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['errors']} | {ratio:.2f} |")
     lines += ["", ("append one event + interests, in process (Session, no HTTP; both timed interleaved, "
-                   f"{args.repeats} calls each; the minimum is the least disturbed by other load; cpu = CPU time of "
+                   f"{args.repeats} calls each, either alternating call by call (cold: each call follows the other "
+                   f"session's) or in alternating blocks of {args.inproc_block} calls (each session's working set "
+                   "mostly warm, as in a server answering a stream of requests); the minimum is the least disturbed by other load; cpu = CPU time of "
                    "the process, which load from elsewhere inflates far less than the wall clock; state: appends "
                    "kept in memory, or committed to a SQLite state file before append returns):"), "",
-              ("| state | persons per call | method | median ms | min ms | p95 ms | cpu median ms | x torch (median) | "
+              ("| state | order | persons per call | method | median ms | min ms | p95 ms | cpu median ms | x torch (median) | "
                "x torch (min) | x torch (cpu median) |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    stock = {(r["state"], r["persons"]): r for r in inproc if r["variant"] == "torch"}
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    stock = {(r["state"], r["persons"], r["order"]): r for r in inproc if r["variant"] == "torch"}
     for r in inproc:
-        base = stock[r["state"], r["persons"]]
-        lines.append(f"| {r['state']} | {r['persons']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+        base = stock[r["state"], r["persons"], r["order"]]
+        lines.append(f"| {r['state']} | {r['order']} | {r['persons']} | {r['method']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
                      f"{r['p95_ms']:.3f} | {r['cpu_median_ms']:.3f} | {base['median_ms'] / r['median_ms']:.1f} | "
                      f"{base['min_ms'] / r['min_ms']:.1f} | {base['cpu_median_ms'] / r['cpu_median_ms']:.1f} |")
     md = "\n".join(lines) + "\n"
