@@ -110,8 +110,9 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
         if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_gather_sum") and not psw:
             out = torch.empty(B, D)
             nt = torch.get_num_threads()
+            w_probe = w32.clone()   # its own copy: w32 is torch's weight, which the probe would leave warm
             calls[("probe-gather", "float32")] = lambda: _ext.cpu().probe_gather_sum(
-                w32.data_ptr(), D, idx.data_ptr(), B, L, out.data_ptr(), 8, nt)
+                w_probe.data_ptr(), D, idx.data_ptr(), B, L, out.data_ptr(), 8, nt)
         stats = measure_interleaved({k: fn for k, fn in calls.items()}, sync=sync)
         for (name, wd), st in stats.items():
             sweep.add({**case, "rows": wd}, name, st, GBps=B * L * D * elem[wd] / 1e6 / st["median_ms"])

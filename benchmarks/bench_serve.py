@@ -29,7 +29,7 @@ keep-alive clients (`--clients`, 32) for a bounded time per scenario:
 Then, in process (no HTTP): append one event + interests with our Session, against the stateless
 stock-torch Session (the append only records the event; interests recompute the 51-event history),
 for one person per call and for 32, with the appends kept in memory and with both sessions committing
-them to a SQLite state file (`--inproc-state`). `--inproc-only` runs just this part (about a minute).
+them to a SQLite state file (`--inproc-state`). `--inproc-only` runs just this part (about two minutes).
 
 Results (requests/s, p50/p95/p99 latency, errors, ratios from the same run) go to
 benchmarks/results/<device_tag()>/serve.{md,json} and are printed. The load generator is a small asyncio
@@ -328,7 +328,7 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
 def inproc_rows(run: Path, vocab: dict, args) -> list[dict]:
     rows = []
     for durable in {"memory": [False], "sqlite": [True], "both": [False, True]}[args.inproc_state]:
-        for block in (1, args.inproc_block):
+        for block in sorted({1, args.inproc_block}):
             rows += append_vs_recompute(run, vocab, args.repeats, durable, block)
     return rows
 
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--variants", nargs="+", default=["torch", "fastinterest"], choices=list(VARIANTS))
     ap.add_argument("--repeats", type=int, default=100, help="in-process append-vs-recompute repeats")
-    ap.add_argument("--inproc-block", type=int, default=10,
+    ap.add_argument("--inproc-block", type=int, default=10, choices=range(1, 1001), metavar="N",
                     help="in-process: also time the sessions in alternating blocks of this many calls")
     ap.add_argument("--inproc-only", action="store_true",
                     help="only the in-process append-vs-recompute part (no HTTP servers); prints, writes nothing")

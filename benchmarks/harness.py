@@ -76,7 +76,9 @@ def measure_interleaved(fns: dict, *, warmup: int = 2, repeat: int = 15, sync: C
                         max_seconds: float = 60.0) -> dict:
     """Time several providers of the same case round-robin (one call of each per round), so that a slow
     spell of a shared machine lands on all of them instead of biasing the ratio of whichever ran then.
-    Returns {name: the stats of `measure`}."""
+    The order rotates by one provider per round, so no provider always follows the same one (a provider
+    that ran just before on the same memory would leave it warm for the next). Returns {name: the stats
+    of `measure`}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -84,14 +86,15 @@ def measure_interleaved(fns: dict, *, warmup: int = 2, repeat: int = 15, sync: C
         sync()
     times: dict = {name: [] for name in fns}
     start = time.perf_counter()
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rnd in range(repeat):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             if sync:
                 sync()
             times[name].append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > max_seconds and len(times[name]) >= 3:
+        if time.perf_counter() - start > max_seconds and rnd + 1 >= 3:
             break
     out = {}
     for name, ts in times.items():

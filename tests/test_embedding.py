@@ -165,17 +165,22 @@ def test_half_rows_accumulate_in_float32(backend, wdtype):
 # against the same rows summed in float64. The bags are long enough to exercise the prefetch that
 # reaches into the next bags.
 @pytest.mark.parametrize("backend", ["ext", "numba"])
-@pytest.mark.parametrize("D", [8, 16, 32, 40, 64, 72, 77, 128, 136, 203])
+@pytest.mark.parametrize("D", [1, 3, 7, 8, 16, 20, 32, 40, 64, 72, 77, 128, 136, 203])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_forward_every_width_and_storage(backend, D, wdtype):
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("B", [9, 300])   # 300 bags: more than 2048 indices, the threaded path
+def test_forward_every_width_and_storage(backend, D, wdtype, idx_dtype, B):
     if _dispatch.why_not("embedding_bag", backend, "cpu", wdtype):
         pytest.skip(_dispatch.why_not("embedding_bag", backend, "cpu", wdtype))
-    V, B = 300, 9
+    V = 300
     g = torch.Generator().manual_seed(D)
     sizes = torch.randint(0, 40, (B,), generator=g)
     sizes[3] = 0
+    sizes[5] = 4
     idx = torch.randint(0, V, (int(sizes.sum()),), generator=g)
     idx[::7] = 5  # padding_idx occurrences
+    first5 = int(sizes[:5].sum())
+    idx[first5:first5 + 4] = 5  # bag 5: padding only (mean of nothing = 0)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
     psw = torch.rand(idx.numel(), generator=g) + 0.5
     w = torch.randn(V, D, generator=g)
@@ -184,7 +189,7 @@ def test_forward_every_width_and_storage(backend, D, wdtype):
         ours = fnn.EmbeddingBag(V, D, mode=mode, padding_idx=padding_idx, _weight=w, weight_dtype=wdtype,
                                 backend=backend)
         with torch.no_grad():
-            out = ours(idx, offsets, per_sample_weights=p)
+            out = ours(idx.to(idx_dtype), offsets.to(idx_dtype), per_sample_weights=p)
         rows = ours.weight.detach().double()
         if padding_idx is not None:
             rows[padding_idx] = 0.0

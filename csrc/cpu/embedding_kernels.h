@@ -6,7 +6,8 @@
 //   weight   [V, D] row-major, storage type W (float, double, _Float16, bf16)
 //   A        the arithmetic type: double for double tables, float otherwise (fp16/bf16 rows are
 //            converted on load and accumulated in float32)
-//   idx      [N] row indices (int32 or int64), already range-checked by the caller
+//   idx      [N] row indices (int32 or int64); the forward checks each against [0, V) as it reads it
+//            (bag_forward's contract), the backward relies on the forward having done so
 //   off      [B + 1] bag boundaries (bag b = idx[off[b] .. off[b+1])), or nullptr: bag b = {idx[b]}
 //   psw      [N] per-sample weights (sum mode only) or nullptr
 //   skip_idx a row that contributes nothing (EmbeddingBag's padding_idx), or -1
@@ -80,8 +81,12 @@ inline void add_row(A* __restrict acc, const W* __restrict row, int64_t D) {
   for (int64_t d = 0; d < D; ++d) acc[d] += load<W, A>(row + d);
 }
 
-template <typename W>
-inline void prefetch_row(const W* row, int64_t D) {
+// Prefetch of row r (the caller has not validated r yet: an out-of-range one prefetches nothing, so the
+// address arithmetic never leaves the table).
+template <typename W, typename I>
+inline void prefetch_row(const W* weight, I r, int64_t V, int64_t D) {
+  if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) return;
+  const W* row = weight + static_cast<int64_t>(r) * D;
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = D * static_cast<int64_t>(sizeof(W));
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 1);
@@ -122,8 +127,9 @@ inline __m256 load8(const bf16_t* p) {
 // the same handful of instructions as a hand-written kernel for that shape. Measured on the headline
 // case (D = 64, 2 threads): the earlier form with runtime psw / stride branches and a per-bag dispatch
 // was 13% (uniform) to 35% (Zipf) slower than this one, which matches torch's JIT-generated kernel.
-// Each index is validated as it is read (an invalid one sets `bad` and its row is never touched); the
-// row PF positions ahead is prefetched after the check, so the demand loads of this row go first.
+// Each index is validated as it is read (an invalid one sets `bad` and its row is never touched). The
+// row PF positions ahead is prefetched (rows are random in memory); its index is not validated yet, so
+// an out-of-range one is prefetched as row 0 instead: the address arithmetic stays inside the table.
 template <int NV, bool PSW, int DS, typename W, typename I>
 inline int64_t sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int64_t c0, const I* __restrict idx,
                          int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip,
@@ -138,7 +144,8 @@ inline int64_t sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int
   bool badrow = false;
   for (int64_t j = start; j < end; ++j) {
     const int64_t pj = j + PF < N ? j + PF : j;
-    const char* p = reinterpret_cast<const char*>(weight + static_cast<int64_t>(idx[pj]) * D + c0);
+    const int64_t rp = static_cast<uint64_t>(idx[pj]) < static_cast<uint64_t>(V) ? static_cast<int64_t>(idx[pj]) : 0;
+    const char* p = reinterpret_cast<const char*>(weight + rp * D + c0);
     const int64_t r = static_cast<int64_t>(idx[j]);
     if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {  // validated here, never read
       badrow = true;
@@ -294,7 +301,7 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
         for (int64_t j = start; j < end; ++j) {
           const int64_t r = static_cast<int64_t>(idx[j]);
           if (r == skip_idx) continue;
-          if (j + PF < N) prefetch_row(weight + static_cast<int64_t>(idx[j + PF]) * D, D);
+          if (j + PF < N) prefetch_row(weight, idx[j + PF], V, D);
           const W* row = weight + r * D;
           if (!any) {
             for (int64_t d = 0; d < D; ++d) {
@@ -323,7 +330,7 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
       int64_t count = 0;
       for (int64_t j = start; j < end; ++j) {
         const int64_t r = static_cast<int64_t>(idx[j]);
-        if (j + PF < N) prefetch_row(weight + static_cast<int64_t>(idx[j + PF]) * D, D);
+        if (j + PF < N) prefetch_row(weight, idx[j + PF], V, D);
         if (r == skip_idx) continue;
         ++count;
         if (psw)
