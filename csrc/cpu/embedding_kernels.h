@@ -124,9 +124,9 @@ inline __m256 load8(const bf16_t* p) {
 
 // Columns [c0, c0 + 8 NV) of one bag's sum. The per-sample weights (PSW) and, for the common widths, the
 // row stride (DS = D; 0 = known only at run time) are template parameters: with them the loop body is
-// the same handful of instructions as a hand-written kernel for that shape. Measured on the headline
-// case (D = 64, 2 threads): the earlier form with runtime psw / stride branches and a per-bag dispatch
-// was 13% (uniform) to 35% (Zipf) slower than this one, which matches torch's JIT-generated kernel.
+// the same handful of instructions as a hand-written kernel for that shape. The earlier form, with
+// runtime psw / stride branches and a per-bag dispatch, benchmarked at 0.86x (uniform) / 0.79x (Zipf)
+// torch's JIT-generated kernel on the headline case; this one at parity (bench_embedding.py).
 // Each index is validated as it is read (an invalid one sets `bad` and its row is never touched). The
 // row PF positions ahead is prefetched (rows are random in memory); its index is not validated yet, so
 // an out-of-range one is prefetched as row 0 instead: the address arithmetic stays inside the table.
