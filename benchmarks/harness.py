@@ -67,7 +67,12 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 15, sync
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
-    times.sort()
+    return _stats(times)
+
+
+def _stats(times: list) -> dict:
+    """Median, p20, p80 (milliseconds) and count of a list of call times."""
+    times = sorted(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "n": len(times)}
 
@@ -96,12 +101,7 @@ def measure_interleaved(fns: dict, *, warmup: int = 2, repeat: int = 15, sync: C
             times[name].append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds and rnd + 1 >= 3:
             break
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "n": len(ts)}
-    return out
+    return {name: _stats(ts) for name, ts in times.items()}
 
 
 def check_close(a, b, *, atol: float, rtol: float, what: str) -> None:

@@ -128,6 +128,16 @@ def _sum_block(typingctx, w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0,
         def block_ptr(r):
             return builder.gep(wa.data, [builder.add(builder.mul(r, D), vc0)])
 
+        def merge(*incoming):
+            """One phi per accumulator, joining the NV-vectors of the given (values, block) pairs."""
+            out = []
+            for k in range(NV):
+                p = builder.phi(vty)
+                for values, block in incoming:
+                    p.add_incoming(values[k], block)
+                out.append(p)
+            return out
+
         def emit_loop(use_psw, exit_to):
             """Sum loop; returns (header block, final accumulator phis). Branches to exit_to when done."""
             pre = builder.block
@@ -160,12 +170,7 @@ def _sum_block(typingctx, w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0,
                 new.append(builder.call(fmuladd, [s, v, acc[k]]) if use_psw else builder.fadd(acc[k], v))
             builder.branch(latch)
             builder.position_at_end(latch)
-            nxt = []
-            for k in range(NV):
-                p = builder.phi(vty)
-                p.add_incoming(acc[k], body_end)
-                p.add_incoming(new[k], add)
-                nxt.append(p)
+            nxt = merge((acc, body_end), (new, add))
             j.add_incoming(builder.add(j, _I64(1)), latch)
             for k in range(NV):
                 acc[k].add_incoming(nxt[k], latch)
@@ -183,12 +188,7 @@ def _sum_block(typingctx, w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0,
         builder.position_at_end(plain)
         h2, acc2 = emit_loop(False, done)
         builder.position_at_end(done)
-        final = []
-        for k in range(NV):
-            a = builder.phi(vty)
-            a.add_incoming(acc1[k], h1)
-            a.add_incoming(acc2[k], h2)
-            final.append(a)
+        final = merge((acc1, h1), (acc2, h2))
         sc = splat(context.cast(builder, args[7], ascale, aw.dtype))
         Do = builder.extract_value(oa.shape, 1)
         ovp = builder.bitcast(builder.gep(oa.data, [builder.add(builder.mul(vb, Do), vc0)]), vty.as_pointer())
