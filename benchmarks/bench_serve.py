@@ -28,8 +28,8 @@ keep-alive clients (`--clients`, 32) for a bounded time per scenario:
 
 Then, in process (no HTTP): append one event + interests with our Session, against the stateless
 stock-torch Session (the append only records the event; interests recompute the 51-event history),
-for one person per call and for 32, with the appends kept in memory and with both sessions committing
-them to a SQLite state file (`--inproc-state`). `--inproc-only` runs just this part (about two minutes).
+for one person per call and for 32, with the appends kept in memory and with both sessions writing them
+to a durable state store (event log file + SQLite checkpoint, as the service; `--inproc-state`). `--inproc-only` runs just this part (about two minutes).
 
 Results (requests/s, p50/p95/p99 latency, errors, ratios from the same run) go to
 benchmarks/results/<device_tag()>/serve.{md,json} and are printed. The load generator is a small asyncio
@@ -262,8 +262,8 @@ def seed_histories(port: int, persons: list[str], vocab: dict, n: int = 50) -> N
 def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = False, block: int = 1) -> list[dict]:
     """append(1 event) + interests: our Session (LSTM state, fused step) against the stateless stock-torch
     Session (records the event, recomputes the person's 51-event history for interests). durable=True: both
-    sessions keep their appends in a SQLite state file (WAL, synchronous=NORMAL: every append is one
-    committed transaction before it returns), else in memory only.
+    sessions keep their appends in a state store (every append is written to the event log file before it
+    returns; states checkpointed to SQLite behind it), else in memory only.
 
     block: how many consecutive calls each session makes before the other takes its turn. 1 alternates call
     by call (each call then finds the other session's model and data in the caches: the cold case); with a
@@ -278,7 +278,7 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
         tmp.mkdir(parents=True, exist_ok=True)
         states = {name: tmp / f"inproc-{name}.sqlite3" for name in states}
         for path in states.values():
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", ".log"):
                 Path(str(path) + suffix).unlink(missing_ok=True)
     ours = Session(run, state=states["fastinterest"], layers="fastinterest", prepared=False)
     stock = Session(run, state=states["torch"], layers="torch", prepared=False, recompute=True)
@@ -316,7 +316,7 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
         for name, label in (("fastinterest", "fastinterest: append(1) = step, interests from the state"),
                             ("torch", "torch: append(1) recorded, interests recompute 51 events")):
             t = sorted(timings[name])
-            rows.append({"persons": B, "variant": name, "method": label, "state": "sqlite" if durable else "memory",
+            rows.append({"persons": B, "variant": name, "method": label, "state": "durable" if durable else "memory",
                          "order": "alternating calls" if block == 1 else f"blocks of {block}",
                          "median_ms": 1e3 * statistics.median(t),
                          "min_ms": 1e3 * t[0], "p95_ms": 1e3 * t[int(0.95 * (len(t) - 1))], "calls": len(t),
@@ -327,7 +327,7 @@ def append_vs_recompute(run: Path, vocab: dict, repeats: int, durable: bool = Fa
 
 def inproc_rows(run: Path, vocab: dict, args) -> list[dict]:
     rows = []
-    for durable in {"memory": [False], "sqlite": [True], "both": [False, True]}[args.inproc_state]:
+    for durable in {"memory": [False], "durable": [True], "both": [False, True]}[args.inproc_state]:
         for block in sorted({1, args.inproc_block}):
             rows += append_vs_recompute(run, vocab, args.repeats, durable, block)
     return rows
@@ -363,9 +363,9 @@ def main(argv=None) -> int:
                     help="in-process: also time the sessions in alternating blocks of this many calls")
     ap.add_argument("--inproc-only", action="store_true",
                     help="only the in-process append-vs-recompute part (no HTTP servers); prints, writes nothing")
-    ap.add_argument("--inproc-state", choices=["memory", "sqlite", "both"], default="both",
-                    help="where the in-process sessions keep appends: in memory, in a SQLite state file (durable, "
-                         "as the service), or both (default)")
+    ap.add_argument("--inproc-state", choices=["memory", "durable", "both"], default="both",
+                    help="where the in-process sessions keep appends: in memory, in a durable state store (event "
+                         "log file + SQLite checkpoint, as the service), or both (default)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     setup_threads(1)
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         for variant in args.variants:
             port = free_port()
             state = tmp / f"state-{variant}.sqlite3"
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", ".log"):
                 Path(str(state) + suffix).unlink(missing_ok=True)
             servers[variant] = (start_server(run, variant, port, str(state), args, tmp / f"server-{variant}.log"), port)
             seed_histories(port, persons, vocab)
@@ -454,7 +454,8 @@ def write(results: list[dict], inproc: list[dict], args, run: Path) -> None:
                    f"session's) or in alternating blocks of {args.inproc_block} calls (each session's working set "
                    "mostly warm, as in a server answering a stream of requests); the minimum is the least disturbed by other load; cpu = CPU time of "
                    "the process, which load from elsewhere inflates far less than the wall clock; state: appends "
-                   "kept in memory, or committed to a SQLite state file before append returns):"), "",
+                   "kept in memory, or durable: written to the state store's event log file before append returns, states "
+                   "checkpointed to SQLite behind it):"), "",
               ("| state | order | persons per call | method | median ms | min ms | p95 ms | cpu median ms | x torch (median) | "
                "x torch (min) | x torch (cpu median) |"),
               "|---|---|---|---|---|---|---|---|---|---|---|"]

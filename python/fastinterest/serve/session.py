@@ -42,8 +42,8 @@ takes the short path, in buffers allocated once per batch size: one compiled cal
 states into the step inputs and slides their windows (`fastpath.prepare`), the LSTM advances by one fused
 kernel call bound to those buffers at first use (`FusedEngine.bind_step`; the engine's `step` otherwise),
 and one compiled call writes the results back (`fastpath.publish`; numba when installed, numpy otherwise,
-both checked against the reference code at load). With a state file the events are one INSERT at the end
-of the log, committed before the states are published (`StateStore.append_events`). `interests` of known
+both checked against the reference code at load). With a state file the events are one record written at the
+end of the event log file, before the states are published (`StateStore.append_events`: one write()). `interests` of known
 persons runs the interest head and the top-k in one compiled call straight from the state arrays (numpy
 otherwise). Unit vectors (for `similar`) are normalised when read, not on every append. Any other append
 (new persons, several events, a person twice in one batch) takes the general path; both give the same
@@ -253,11 +253,12 @@ class Session:
         device: where the model runs ("cpu", "cuda"); states live in host memory.
         backend: force a fastinterest LSTM kernel backend ("ext", "numba", "triton", "reference").
         layers: "fastinterest" (fused kernels) or "torch" (stock torch.nn layers; same answers).
-        state: the SQLite file that makes appends durable (default RUN/serving/state.sqlite3);
-            ":memory:" keeps appended state in memory only.
+        state: the state file that makes appends durable (default RUN/serving/state.sqlite3: a SQLite
+            checkpoint of the states, with the event log beside it in STATE.log); ":memory:" keeps appended
+            state in memory only.
         prepared: the prepared data set whose persons are known at load (default: the run's); False: none.
         synchronous: "normal" (durable when the process dies, the default) or "full" (also when the
-            machine loses power; an fsync per append batch).
+            machine loses power; an fdatasync of the log per append batch).
         max_len: the window of events the history features read (default: the run's max_len).
         recompute: no sequence state: recompute known persons from their window on every read (the
             stateless baseline, see the module docstring).
@@ -582,12 +583,10 @@ class Session:
 
     # ------------------------------------------------------------------ reading states
     def _sync(self) -> None:
-        """Pick up the events that other processes sharing the store committed."""
-        # One query: the log's last position against the one this process applied up to. (Asking SQLite first
-        # whether anything changed, `StateStore.changed`, costs a query as well, and after each append of this
-        # process it does read as a change, so a read right after an append paid two.) A read waits for the
-        # append lock only when the log holds events this process has not applied.
-        if self.store is not None and self.store.last_seq() > self._synced_seq:
+        """Pick up the events that other processes sharing the store appended."""
+        # One fstat of the log file against where this process read it up to (`StateStore.has_new`): no query, no
+        # reading. A read waits for the append lock only when the log holds events this process has not applied.
+        if self.store is not None and self.store.has_new(self._synced_seq):
             with self._append_lock:
                 self._catch_up()
 

@@ -1,4 +1,4 @@
-"""Per-person sequence state: in memory (numpy) and durable (SQLite in WAL mode).
+"""Per-person sequence state: in memory (numpy) and durable (an event log file + a SQLite checkpoint).
 
 A person's state is everything needed to answer for them and to absorb their next event in O(1):
 
@@ -11,30 +11,36 @@ A person's state is everything needed to answer for them and to absorb their nex
 
 `PersonStates` holds every person's state in growable numpy arrays (row per person) together with the
 user vector the model derives from it (and its unit vector, normalised when read). `StateStore` is the
-durable copy:
+durable copy, two files:
 
-    events(seq, person, timestamp, item, category, action, platform, raw)  append-only log, one row per event
-    states(person, n_events, last_seq, h, c, window)                       a checkpoint of the states
-    meta(key, value)                                                        what run the states belong to, and
-                                                                            the checkpoint's watermark
+    PATH.log   the event log (`fastinterest.serve.eventlog.EventLog`): append-only, one record per append
+               holding its events (log position seq, person, timestamp, item, category, action, platform,
+               the raw event as sent)
+    PATH       SQLite (WAL): states(person, n_events, last_seq, h, c, window), a checkpoint of the states, and
+               meta(key, value): what run the states belong to, the log's id, and the checkpoint's watermark
+               (with its offset in the log file)
 
-The log is the truth and the states in memory are its cache. One append is one transaction that writes
-the new events: usually a single INSERT at the end of the log as the appending process knows it
-(`append_events`; SQLite commits a statement outside BEGIN as its own transaction), else, when other
-processes appended since, BEGIN IMMEDIATE + their events replayed + INSERT + COMMIT; the service
-acknowledges an append only after that commit.
-The states are written behind, as a checkpoint (`checkpoint`: the states changed since the last one, in
-one transaction, every few thousand events and when the session closes), and `watermark()` is the log
-position up to which the states table reflects every event. A restart loads the checkpoint and replays
-the events after the watermark (`events_since`); so does a process catching up with the events other
-processes appended. A state row is never replaced by an older one (its last_seq decides).
+The log is the truth and the states in memory are its cache. One append writes its events as one record
+at the end of the log, if the log still ends where the appending process last read it
+(`append_events`: one write(), no transaction), else it takes the log's lock, reads the events other
+processes appended, recomputes and writes after them; the service acknowledges an append only after that
+write. The states are written behind, as a checkpoint (`checkpoint`: the states changed since the last
+one, in one SQLite transaction, every few thousand events and when the session closes), and
+`watermark()` is the log position up to which the states table reflects every event. A restart loads the
+checkpoint and replays the events after the watermark (`events_since`, starting at the watermark's offset
+in the log file); so does a process catching up with the events other processes appended (it notices
+them by the log file's size: one fstat per read). A state row is never replaced by an older one (its
+last_seq decides).
 
-Durability: with WAL and synchronous=NORMAL (the default) a committed transaction survives the process
-being killed (kill -9) — SQLite has written it to the WAL file, and the OS keeps it when the process
-dies — but not a power cut or an OS crash, which may lose the last transactions before the next WAL
-checkpoint; synchronous=FULL also survives those, at the price of an fsync per commit. Several processes
-may share one store (`fastinterest serve --workers N`): writers serialise on SQLite's write lock, and
-each process replays the events other processes committed (`last_seq()` + `events_since(seq)`).
+Durability: once an append returns, its record is in the OS page cache: it survives the process being
+killed (kill -9) but not a power cut or an OS crash; synchronous="full" also survives those, at the price
+of an fdatasync per append (and SQLite's synchronous=FULL for the checkpoints). Several processes may share
+one store (`fastinterest serve --workers N`): appends serialise on the log's lock (flock), and each process
+replays the events the others appended.
+
+Why the log is not a SQLite table (it was): committing one row cost ~30 us with warm caches and 100-200 us
+when the request followed other work, most of an append's time; the file costs one write() (see
+`fastinterest.serve.eventlog`). A store whose log is still an `events` table is converted when opened.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .eventlog import EventLog
 
 __all__ = ["PersonStates", "StateMismatch", "StateRecord", "StateStore", "run_fingerprint"]
 
@@ -183,11 +191,6 @@ def run_fingerprint(run_dir, window: int, prepared_dir=None, recompute: bool = F
 # page per one-event commit besides the table's and the index's. Stores made with AUTOINCREMENT work the same.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
-    item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
-    raw TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_person ON events (person, seq);
 CREATE TABLE IF NOT EXISTS states (
     person TEXT PRIMARY KEY, n_events INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     h BLOB NOT NULL, c BLOB NOT NULL, window BLOB NOT NULL);
@@ -196,21 +199,16 @@ CREATE INDEX IF NOT EXISTS states_last_seq ON states (last_seq);
 
 SYNCHRONOUS = ("normal", "full")
 
-_INSERT_CHUNK = 64   # rows per INSERT statement (64 * 8 parameters, far below SQLite's limit of 32766)
-_INSERT_SQL: dict[int, str] = {}
 
-
-def _insert_sql(n: int) -> str:
-    """INSERT of n events with their log positions (one VALUES tuple per event)."""
-    sql = _INSERT_SQL.get(n)
-    if sql is None:
-        sql = _INSERT_SQL[n] = ("INSERT INTO events (seq, person, timestamp, item, category, action, platform, raw) "
-                                "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n))
-    return sql
+def log_path(path) -> Path:
+    """The event log file of the state database at `path` (beside it: PATH.log)."""
+    path = Path(path)
+    return path.with_name(path.name + ".log")
 
 
 class StateStore:
-    """The durable log + state table in one SQLite file (see the module docstring).
+    """The durable log (`EventLog`, the file PATH.log) + the state checkpoint (SQLite file PATH); see the module
+    docstring.
 
     `shape` = (num_layers, H, W) of the states; `fingerprint` (a JSON-able dict) identifies the run the
     states belong to: opening a store written for another run raises `StateMismatch`.
@@ -222,12 +220,23 @@ class StateStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.shape = tuple(int(x) for x in shape)
-        self._write_lock = threading.Lock()   # one writer transaction at a time in this process
+        self._write_lock = threading.Lock()   # one SQLite write transaction at a time in this process
         self._read_lock = threading.Lock()
         self._writer = self._connect(synchronous)
         self._reader = self._connect(synchronous)
-        self._check_meta({"shape": list(self.shape), "run": fingerprint})
-        self._data_version = self._version()
+        self.log = EventLog(log_path(self.path), sync=synchronous == "full")
+        try:
+            self._check_meta({"shape": list(self.shape), "run": fingerprint})
+            self._check_log()
+            with self._read_lock:
+                meta = dict(self._reader.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('watermark', 'watermark_offset')").fetchall())
+            # reading after the checkpoint starts where it ends in the log file, not at the file's start
+            self.log.start_at(int(meta.get("watermark", 0)), int(meta.get("watermark_offset", 0)))
+            self.log.settle()
+        except BaseException:
+            self.close()
+            raise
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the locks above serialise each connection.
@@ -241,7 +250,7 @@ class StateStore:
         return conn
 
     def _check_meta(self, meta: dict) -> None:
-        with self.transaction() as db:
+        with self._db_transaction() as db:
             stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
             for key, value in meta.items():
                 text = json.dumps(value, sort_keys=True)
@@ -252,10 +261,42 @@ class StateStore:
                         f"{self.path} holds states of another run ({key}: stored {stored[key]}, this run {text}). "
                         "Serve this run with another state file, or delete that one to start over.")
 
+    def _check_log(self) -> None:
+        """The log file must be the one the states were checkpointed from (its id is in the meta table); a store
+        of an earlier version kept the log in an `events` table: its events move to the log file once."""
+        with self._db_transaction() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
+                self._migrate_events_table(db)
+            stored = db.execute("SELECT value FROM meta WHERE key = 'log'").fetchone()
+            if stored is None:
+                has_states = db.execute("SELECT 1 FROM states LIMIT 1").fetchone() is not None
+                if has_states and self.log.last_seq() == 0:
+                    raise StateMismatch(f"{self.path} holds states but its event log {self.log.path} is missing or "
+                                        "empty; restore the log, or delete the state file to start over.")
+                db.execute("INSERT INTO meta (key, value) VALUES ('log', ?)", (self.log.log_id,))
+            elif stored[0] != self.log.log_id and self.log.last_seq() == 0:
+                raise StateMismatch(f"{self.path} was checkpointed from an event log that is missing or empty now "
+                                    f"({self.log.path}, a new log was started); restore the log, or delete both files "
+                                    "to start over.")
+            elif stored[0] != self.log.log_id:
+                raise StateMismatch(f"{self.log.path} is not the event log of {self.path} (log id {self.log.log_id}, "
+                                    f"the states were written from {stored[0]}): a log and a state file of "
+                                    "different stores; restore the pair, or delete both to start over.")
+
+    def _migrate_events_table(self, db: sqlite3.Connection) -> None:
+        """Move the `events` table of an earlier store version into the (empty) log file, then drop it."""
+        with self.log.locked():
+            if self.log.last_seq() == 0:
+                cur = db.execute("SELECT person, timestamp, item, category, action, platform, raw FROM events "
+                                 "ORDER BY seq")
+                while rows := cur.fetchmany(4096):
+                    self.log.append_locked([tuple(r) for r in rows])
+            db.execute("DROP TABLE events")
+
     # ---- writing
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE (the write lock, also against other processes) ... COMMIT, or ROLLBACK on error."""
+    def _db_transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (SQLite's write lock, also against other processes) ... COMMIT, or ROLLBACK on error."""
         with self._write_lock:
             db = self._writer
             db.execute("BEGIN IMMEDIATE")
@@ -266,50 +307,26 @@ class StateStore:
                 raise
             db.execute("COMMIT")
 
-    @staticmethod
-    def next_seq(db: sqlite3.Connection) -> int:
-        """Inside a transaction: the log position the next event gets (1 + the last one's; events are never
-        deleted). A writer compares it with the position up to which it applied the log, so that it replays
-        other processes' events only when there are any."""
-        return db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events").fetchone()[0]
+    @contextmanager
+    def transaction(self) -> Iterator[EventLog]:
+        """Hold the log's write lock (against this process's other threads and other processes): inside, read
+        the events others appended (`events_since(seq, log)`) and append after them (`insert_events`)."""
+        with self.log.locked():
+            yield self.log
 
-    @staticmethod
-    def insert_events(db: sqlite3.Connection, rows: list[tuple], first: int | None = None) -> int:
-        """Append events (person, timestamp, item, category, action, platform, raw_json) inside a transaction, at
-        log positions first, first + 1, ... (default: `next_seq`); returns first.
-
-        One INSERT statement of up to 64 rows, not one execution per row (about half the time for 32 rows; in
-        stores made before the log dropped AUTOINCREMENT, each execution also rewrote its counter). The
-        statements of each size are compiled once (the connection's statement cache)."""
-        if first is None:
-            first = StateStore.next_seq(db)
-        for lo in range(0, len(rows), _INSERT_CHUNK):
-            chunk = rows[lo:lo + _INSERT_CHUNK]
-            params = [x for i, row in enumerate(chunk, first + lo) for x in (i, *row)]
-            db.execute(_insert_sql(len(chunk)), params)
-        return first
+    def insert_events(self, db: EventLog, rows: list[tuple]) -> int:
+        """Inside `transaction()`: append events (person, timestamp, item, category, action, platform, raw_json)
+        at the end of the log; returns the first one's log position."""
+        return db.append_locked(rows)
 
     def append_events(self, rows: list[tuple], after: int) -> int | None:
         """Append events (as `insert_events`) at log positions after + 1, after + 2, ... if the log ends at
         position `after`, i.e. no other process appended since the caller applied the log up to there; returns
-        after + 1 — the events are committed, hence durable — or None (nothing written: the log has moved on, or
-        the rows do not fit one statement); the caller then takes a transaction, catches up and inserts.
-
-        Why: the request path of an append is one event, and a transaction of its own (BEGIN IMMEDIATE, a query
-        of the log's end, the INSERT, COMMIT) cost about twice the INSERT alone. Here the INSERT is the whole
-        transaction (SQLite runs a statement outside BEGIN as one), and the primary key checks the log's end
-        within it: log positions have no gaps (every writer appends at the end; nothing is deleted), so the log
-        ends at `after` exactly when position after + 1 is free, and else the INSERT fails as a whole."""
-        if not 0 < len(rows) <= _INSERT_CHUNK:
+        after + 1 once they are written, hence durable; else None (nothing written: the log has moved on), and
+        the caller takes a `transaction()`, catches up and inserts. The request path: one write()."""
+        if not rows:
             return None
-        first = after + 1
-        params = [x for i, row in enumerate(rows, first) for x in (i, *row)]
-        with self._write_lock:
-            try:
-                self._writer.execute(_insert_sql(len(rows)), params)
-            except sqlite3.IntegrityError:   # position after + 1 is taken (the only constraint these rows can break)
-                return None
-        return first
+        return self.log.append(rows, after)
 
     @staticmethod
     def put_states(db: sqlite3.Connection, records: Iterable[StateRecord]) -> None:
@@ -324,12 +341,18 @@ class StateStore:
 
     def checkpoint(self, records: list[StateRecord], watermark: int) -> None:
         """Write states (the ones changed since the last checkpoint of this process) and raise the watermark to
-        `watermark`: the caller's states reflect every event up to it."""
-        with self.transaction() as db:
+        `watermark`: the caller's states reflect every event up to it. The watermark's offset in the log file
+        goes with it when this process's log cursor stands there (else 0: a restart reads the log from the
+        start)."""
+        seq, off = self.log.cursor
+        off = off if seq == watermark else 0
+        with self._db_transaction() as db:
             self.put_states(db, records)
-            db.execute("INSERT INTO meta (key, value) VALUES ('watermark', ?) ON CONFLICT (key) DO UPDATE SET "
-                       "value = excluded.value WHERE CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER)",
-                       (str(int(watermark)),))
+            row = db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+            if row is None or int(watermark) > int(row[0]):
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                               "value = excluded.value",
+                               [("watermark", str(int(watermark))), ("watermark_offset", str(int(off)))])
 
     # ---- reading
     def _decode(self, row) -> StateRecord:
@@ -354,60 +377,30 @@ class StateStore:
             row = self._reader.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
         return int(row[0]) if row else 0
 
-    def events_since(self, seq: int, db: sqlite3.Connection | None = None, chunk: int = 1024) -> Iterator[list[tuple]]:
-        """The events after log position `seq`, in log order, as lists of at most `chunk` tuples (seq, person,
-        item, category, action, platform, timestamp). With db: inside the caller's transaction."""
-        query = ("SELECT seq, person, item, category, action, platform, timestamp FROM events WHERE seq > ? "
-                 "ORDER BY seq")
-        if db is not None:
-            cur = db.execute(query, (int(seq),))
-            while rows := cur.fetchmany(chunk):
-                yield rows
-            return
-        with self._read_lock:
-            cur = self._reader.execute(query, (int(seq),))
-            while rows := cur.fetchmany(chunk):
-                yield rows
+    def events_since(self, seq: int, db: EventLog | None = None, chunk: int = 1024) -> Iterator[list[tuple]]:
+        """The events after log position `seq`, in log order, as lists of about `chunk` tuples (seq, person,
+        item, category, action, platform, timestamp). With db: inside the caller's `transaction()`."""
+        for rows in self.log.read(seq, chunk):
+            yield [(q, person, item, category, action, platform, ts)
+                   for q, person, ts, item, category, action, platform, _ in rows]
 
-    def _version(self) -> int:
-        return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
-
-    def changed(self) -> bool:
-        """True when another connection (another process, or this store's writer) committed since the
-        last call."""
-        with self._read_lock:
-            v = self._version()
-            if v == self._data_version:
-                return False
-            self._data_version = v
-            return True
+    def has_new(self, seq: int) -> bool:
+        """Whether the log may hold events after `seq` that a reader has not applied: one fstat (another process
+        appended) and the cursor (read but not applied), no reading."""
+        return seq < self.log.cursor[0] or self.log.moved()
 
     def events_of(self, person: str) -> list[dict]:
-        """The appended events of a person, oldest first (the raw dicts as they were sent)."""
-        with self._read_lock:
-            rows = self._reader.execute("SELECT raw FROM events WHERE person = ? ORDER BY seq", (str(person),))
-            return [json.loads(r[0]) for r in rows]
+        """The appended events of a person, oldest first (the raw dicts as they were sent). Reads the whole log
+        (an inspection tool, not a request path)."""
+        person = str(person)
+        return [json.loads(e[7]) for e in self.log.events() if e[1] == person]
 
     def last_seq(self) -> int:
-        """The log position of the last committed event (0: none).
-
-        Asked on the writer connection when no transaction of this process holds it: SQLite drops a
-        connection's page cache whenever another connection has committed, so on the reader, after every
-        append of this process, this query re-read its pages (about twice the time); the writer's cache
-        survives its own commits. While this process is writing, the reader answers (a read never waits for
-        an append)."""
-        query = "SELECT COALESCE(MAX(seq), 0) FROM events"
-        if self._write_lock.acquire(blocking=False):
-            try:
-                return int(self._writer.execute(query).fetchone()[0])
-            finally:
-                self._write_lock.release()
-        with self._read_lock:
-            return int(self._reader.execute(query).fetchone()[0])
+        """The log position of the last event (0: none)."""
+        return self.log.last_seq()
 
     def count_events(self) -> int:
-        with self._read_lock:
-            return int(self._reader.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return sum(1 for _ in self.log.events())
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -416,3 +409,6 @@ class StateStore:
                     conn.close()
                 except sqlite3.Error:
                     pass
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()

@@ -1,0 +1,258 @@
+"""The serving event log file (`fastinterest.serve.eventlog`) and the state store built on it."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fastinterest.serve.eventlog import HEADER, EventLog, LogCorrupt, decode_events, encode_events
+from fastinterest.serve.state import StateMismatch, StateRecord, StateStore, log_path
+
+
+def rows_for(n: int, tag: str = "p", start: int = 0) -> list[tuple]:
+    """n events (person, timestamp, item, category, action, platform, raw) with distinct, non-zero fields."""
+    return [(f"{tag}-{(start + i) % 3}-é", 1_700_000_000 + start + i, 1000 + start + i, 7 + i % 5, 2 + i % 3, 3,
+             json.dumps({"i": start + i, "text": "ü ☃"})) for i in range(n)]
+
+
+def as_logged(rows: list[tuple], first: int) -> list[tuple]:
+    return [(seq, *row) for seq, row in enumerate(rows, first)]
+
+
+def test_encode_decode_round_trip():
+    rows = rows_for(5)
+    data = encode_events(rows, 11)
+    n, crc = struct.unpack_from("<II", data)
+    assert n == len(data) - 8 and crc == zlib.crc32(data[8:])
+    assert decode_events(data[8:]) == as_logged(rows, 11)
+
+
+def test_append_read_and_cursor(tmp_path):
+    log = EventLog(tmp_path / "a.log")
+    assert log.cursor == (0, HEADER) and log.last_seq() == 0 and list(log.read(0)) == []
+    a, b = rows_for(3), rows_for(1, start=3)
+    assert log.append(a, after=0) == 1
+    assert log.append(b, after=3) == 4
+    assert log.append(b, after=3) is None          # the log ends at 4 now: nothing written
+    assert log.append(b, after=7) is None
+    assert log.last_seq() == 4 and log.cursor[0] == 4
+    assert list(log.events()) == as_logged(a + b, 1)
+    assert os.path.getsize(tmp_path / "a.log") == log.cursor[1]
+    # reading after any position; from before the cursor it starts over at the file's start
+    assert [e for chunk in log.read(2) for e in chunk] == as_logged(a + b, 1)[2:]
+    assert [e for chunk in log.read(4) for e in chunk] == []
+    log.close()
+    again = EventLog(tmp_path / "a.log")            # a new process: the cursor at the start
+    assert again.log_id == log.log_id and again.cursor == (0, HEADER)
+    assert [e for chunk in again.read(0, chunk=2) for e in chunk] == as_logged(a + b, 1)
+    assert again.cursor == (4, os.path.getsize(tmp_path / "a.log"))
+    again.close()
+
+
+def test_chunks_of_read(tmp_path):
+    log = EventLog(tmp_path / "c.log")
+    for i in range(10):
+        log.append(rows_for(3, start=3 * i), after=3 * i)
+    fresh = EventLog(tmp_path / "c.log")
+    chunks = list(fresh.read(0, chunk=7))
+    assert [len(c) for c in chunks] == [9, 9, 9, 3]   # whole records, at least `chunk` events per list
+    assert [e[0] for c in chunks for e in c] == list(range(1, 31))
+    log.close(), fresh.close()
+
+
+def test_large_records_are_read_across_buffer_refills(tmp_path):
+    log = EventLog(tmp_path / "big.log")
+    big = [(f"p{i}", i, i, i, i, i, "x" * 50_000) for i in range(60)]   # ~3 MB: several 1 MiB reads
+    assert log.append(big[:30], after=0) == 1
+    assert log.append(big[30:], after=30) == 31
+    other = EventLog(tmp_path / "big.log")
+    assert [e for c in other.read(0) for e in c] == as_logged(big, 1)
+    log.close(), other.close()
+
+
+@pytest.mark.parametrize("damage", ["cut", "crc", "garbage"])
+def test_a_torn_tail_is_cut_and_the_log_goes_on(tmp_path, damage):
+    """A record the writer did not finish (killed inside a large write, or the disk filled up) is never an
+    acknowledged one: readers stop before it, and the next writer, or the next open, cuts it off."""
+    path = tmp_path / "t.log"
+    log = EventLog(path)
+    log.append(rows_for(2), after=0)
+    good = os.path.getsize(path)
+    record = encode_events(rows_for(2, start=2), 3)
+    with open(path, "ab") as f:
+        if damage == "cut":
+            f.write(record[: len(record) // 2])
+        elif damage == "crc":
+            f.write(record[:4] + struct.pack("<I", (struct.unpack_from("<I", record, 4)[0] + 1) % 2**32) + record[8:])
+        else:
+            f.write(b"\x07" * 5)
+    reader = EventLog(path)
+    assert [e[0] for c in reader.read(0) for e in c] == [1, 2]      # stops before the torn record
+    assert reader.moved()                                             # the file is longer than its records
+    assert log.append(rows_for(1, start=2), after=2) is None          # the fast path declines...
+    with log.locked():
+        assert log.append_locked(rows_for(1, start=2)) == 3            # ...the locked path cuts and appends
+    assert [e[0] for e in reader.events()] == [1, 2, 3]
+    assert os.path.getsize(path) == good + len(encode_events(rows_for(1, start=2), 3))
+    log.close(), reader.close()
+    # at open: `settle` cuts a torn tail without reading the log into the cursor
+    with open(path, "ab") as f:
+        f.write(b"\x01\x02\x03")
+    settled = EventLog(path)
+    settled.settle()
+    assert settled.cursor == (0, HEADER) and [e[0] for e in settled.events()] == [1, 2, 3]
+    assert os.path.getsize(path) == good + len(encode_events(rows_for(1, start=2), 3))
+    settled.close()
+
+
+def test_not_a_log(tmp_path):
+    path = tmp_path / "x.log"
+    path.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    with pytest.raises(LogCorrupt, match="not a fastinterest event log"):
+        EventLog(path)
+
+
+def test_start_at_checks_the_position(tmp_path):
+    path = tmp_path / "s.log"
+    log = EventLog(path)
+    log.append(rows_for(2), after=0)
+    seq, off = log.cursor
+    log.append(rows_for(3, start=2), after=2)
+    fresh = EventLog(path)
+    assert not fresh.start_at(1, off)                # the record after `off` starts with 3, not 2
+    assert not fresh.start_at(2, off + 1)
+    assert not fresh.start_at(2, HEADER)
+    assert fresh.cursor == (0, HEADER)
+    assert fresh.start_at(seq, off)
+    assert [e[0] for c in fresh.read(2) for e in c] == [3, 4, 5]
+    log.close(), fresh.close()
+
+
+def _writer(path: str, tag: str, n: int, queue) -> None:
+    """Append n single events, each after catching up with the other process (the session's protocol)."""
+    log = EventLog(path)
+    mine = []
+    for i in range(n):
+        while True:
+            for _ in log.read(log.cursor[0]):
+                pass
+            first = log.append([(tag, i, i + 1, 2, 3, 4, "{}")], after=log.cursor[0])
+            if first is not None:
+                mine.append(first)
+                break
+    log.close()
+    queue.put(mine)
+
+
+def test_two_processes_append_concurrently_without_gaps_or_losses(tmp_path):
+    path = str(tmp_path / "mp.log")
+    EventLog(path).close()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(path, tag, 150, q)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    acked = sorted(q.get(timeout=120) + q.get(timeout=120))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    events = list(EventLog(path).events())
+    assert [e[0] for e in events] == list(range(1, 301)) == acked
+    for tag in ("a", "b"):   # each process's events in its order
+        assert [e[2] for e in events if e[1] == tag] == list(range(150))
+
+
+# ---------------------------------------------------------------------------------------------- the store
+SHAPE = (1, 4, 3)
+
+
+def store(path, run="r1") -> StateStore:
+    return StateStore(path, shape=SHAPE, fingerprint={"run": run})
+
+
+def record(person, n, seq) -> StateRecord:
+    rng = np.random.default_rng(seq)
+    return StateRecord(person, n, seq, rng.standard_normal((1, 4)).astype(np.float32),
+                       rng.standard_normal((1, 4)).astype(np.float32), rng.integers(2, 9, (4, 3)).astype(np.int32))
+
+
+def test_store_checkpoint_and_restart_start_after_the_watermark(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    s = store(path)
+    assert s.append_events(rows_for(3), after=0) == 1
+    s.checkpoint([record("p-0-é", 3, 3)], watermark=3)
+    assert s.append_events(rows_for(2, start=3), after=3) == 4
+    assert s.last_seq() == 5 and s.count_events() == 5 and s.watermark() == 3
+    assert [e["i"] for e in s.events_of("p-0-é")] == [0, 3]
+    s.close()
+    again = store(path)
+    assert again.log.cursor[0] == 3                  # positioned at the checkpoint, not at the start
+    assert [e[0] for c in again.events_since(3) for e in c] == [4, 5]
+    (rec,) = again.states_since(0)
+    assert rec.person == "p-0-é" and rec.last_seq == 3
+    again.close()
+
+
+def test_store_refuses_a_log_of_another_store(tmp_path):
+    a, b = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    sa, sb = store(a), store(b)
+    sa.append_events(rows_for(2), after=0)
+    sb.append_events(rows_for(1), after=0)
+    sa.checkpoint([record("p", 2, 2)], watermark=2)
+    sa.close(), sb.close()
+    os.replace(log_path(b), log_path(a))
+    with pytest.raises(StateMismatch, match="not the event log"):
+        store(a)
+    os.unlink(log_path(a))                            # states without their log
+    with pytest.raises(StateMismatch, match="missing or empty"):
+        store(a)
+
+
+def test_store_moves_an_events_table_of_an_earlier_version_into_the_log(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (seq INTEGER PRIMARY KEY, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
+            item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
+            raw TEXT NOT NULL);""")
+    rows = rows_for(4)
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", as_logged(rows, 1))
+    db.commit(), db.close()
+    s = store(path)
+    assert list(s.log.events()) == as_logged(rows, 1)
+    assert s._reader.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchone() is None
+    assert [e[0] for c in s.events_since(0) for e in c] == [1, 2, 3, 4]
+    assert s.append_events(rows_for(1, start=4), after=4) == 5
+    s.close()
+
+
+def test_a_reader_that_stops_early_does_not_block_writers(tmp_path):
+    import threading
+
+    log = EventLog(tmp_path / "e.log")
+    for i in range(4):
+        log.append(rows_for(2, start=2 * i), after=2 * i)
+    reader = EventLog(tmp_path / "e.log")
+    it = reader.read(0, chunk=2)
+    assert [e[0] for e in next(it)] == [1, 2]     # the generator is suspended here, not finished
+    done = threading.Event()
+
+    def write():
+        for _ in reader.read(reader.cursor[0]):
+            pass
+        assert reader.append(rows_for(1, start=8), after=8) == 9
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join(timeout=10)
+    assert done.is_set()
+    del it
+    assert [e[0] for e in log.events()] == list(range(1, 10))
+    log.close(), reader.close()
