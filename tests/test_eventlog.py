@@ -256,3 +256,91 @@ def test_a_reader_that_stops_early_does_not_block_writers(tmp_path):
     del it
     assert [e[0] for e in log.events()] == list(range(1, 10))
     log.close(), reader.close()
+
+
+def test_damage_inside_the_log_raises_instead_of_cutting_acknowledged_records(tmp_path):
+    """A bad checksum with records after it is damage, not a torn tail: reading raises, and opening never
+    truncates the acknowledged records behind it."""
+    path = tmp_path / "d.log"
+    log = EventLog(path)
+    for i in range(5):
+        log.append(rows_for(1, start=i), after=i)
+    log.close()
+    size = os.path.getsize(path)
+    data = bytearray(path.read_bytes())
+    second = HEADER + len(encode_events(rows_for(1), 1))
+    data[second + 8 + 3] ^= 0xFF                      # a byte of record 2's payload
+    path.write_bytes(bytes(data))
+    damaged = EventLog(path)
+    with pytest.raises(LogCorrupt, match="damaged"):
+        damaged.settle()
+    with pytest.raises(LogCorrupt, match="damaged"):
+        list(damaged.read(0))
+    assert os.path.getsize(path) == size              # nothing cut
+    damaged.close()
+
+
+def test_malformed_records_and_empty_appends(tmp_path):
+    log = EventLog(tmp_path / "m.log")
+    with pytest.raises(ValueError, match="no events"):
+        log.append([], after=0)
+    with log.locked(), pytest.raises(ValueError, match="no events"):
+        log.append_locked([])
+    assert os.path.getsize(tmp_path / "m.log") == HEADER
+    with pytest.raises(LogCorrupt, match="malformed"):
+        decode_events(b"\x01\x02\x03")
+    payload = encode_events(rows_for(1), 1)[8:]
+    with pytest.raises(LogCorrupt, match="malformed"):
+        decode_events(payload + b"\x00")
+    log.close()
+
+
+def test_a_scan_ends_when_the_file_shrinks_under_it(tmp_path):
+    """A reader scanning while another process cuts a torn tail must stop at the new end, not spin."""
+    path = tmp_path / "shrink.log"
+    log = EventLog(path)
+    big = [("p", 1, 1, 1, 1, 1, "x" * 700_000)]
+    for i in range(4):
+        log.append(big, after=i)
+    first_end = HEADER + len(encode_events(big, 1))
+    scan = log._scan(HEADER)
+    end, _ = next(scan)
+    assert end == first_end
+    os.truncate(path, first_end + 100)                # the rest vanishes (and a partial record remains)
+    assert list(scan) == []
+    log.close()
+
+
+def test_store_refuses_a_log_behind_its_checkpoint(tmp_path):
+    """A log that lost its end (power cut with synchronous='normal', or an older copy) while the checkpoint
+    survived would give new events positions the states already hold: opening refuses it."""
+    path = tmp_path / "state.sqlite3"
+    s = store(path)
+    s.append_events(rows_for(2), after=0)
+    old = log_path(path).read_bytes()
+    s.append_events(rows_for(3, start=2), after=2)
+    s.checkpoint([record("p", 5, 5)], watermark=5)
+    s.close()
+    log_path(path).write_bytes(old)
+    with pytest.raises(StateMismatch, match="ends at log position 2"):
+        store(path)
+
+
+def test_an_interrupted_migration_is_resumed(tmp_path):
+    """A migration killed after part of the table reached the log finishes on the next open."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE events (seq INTEGER PRIMARY KEY, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
+            item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
+            raw TEXT NOT NULL);""")
+    rows = rows_for(10)
+    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", as_logged(rows, 1))
+    db.commit(), db.close()
+    partial = EventLog(log_path(path))               # what a killed migration left: the first 4 events
+    partial.append(rows[:4], after=0)
+    partial.close()
+    s = store(path)
+    assert list(s.log.events()) == as_logged(rows, 1)
+    s.close()

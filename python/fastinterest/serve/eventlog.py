@@ -70,27 +70,20 @@ def decode_events(payload: bytes | memoryview) -> list[tuple]:
     pos, end = 0, len(payload)
     unpack = _EV.unpack_from
     size = _EV.size
-    while pos < end:
-        seq, ts, item, category, action, platform, lp, lr = unpack(payload, pos)
-        pos += size
-        person = bytes(payload[pos:pos + lp]).decode()
-        pos += lp
-        raw = bytes(payload[pos:pos + lr]).decode()
-        pos += lr
-        out.append((seq, person, ts, item, category, action, platform, raw))
-    if pos != end:
-        raise LogCorrupt("an event record overruns its payload")
+    try:
+        while pos < end:
+            seq, ts, item, category, action, platform, lp, lr = unpack(payload, pos)
+            pos += size
+            person = bytes(payload[pos:pos + lp]).decode()
+            pos += lp
+            raw = bytes(payload[pos:pos + lr]).decode()
+            pos += lr
+            out.append((seq, person, ts, item, category, action, platform, raw))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise LogCorrupt(f"a malformed event record ({exc})") from exc
+    if pos != end or not out:
+        raise LogCorrupt("a malformed event record (its events do not fill its payload)")
     return out
-
-
-def _last_event_size(payload: bytes) -> int:
-    """The size of the last event of a record's payload (walks the events' headers)."""
-    pos, size = 0, 0
-    while pos < len(payload):
-        lp, lr = struct.unpack_from("<II", payload, pos + _EV.size - 8)
-        size = _EV.size + lp + lr
-        pos += size
-    return size
 
 
 class EventLog:
@@ -113,6 +106,12 @@ class EventLog:
                 if size == 0:
                     self._write(MAGIC + uuid.uuid4().bytes)
                     size = HEADER
+                    if self.sync:   # the new file's directory entry, too
+                        dfd = os.open(self.path.parent, os.O_RDONLY)
+                        try:
+                            os.fsync(dfd)
+                        finally:
+                            os.close(dfd)
                 head = os.pread(self._fd, HEADER, 0)
                 if len(head) < HEADER or head[:len(MAGIC)] != MAGIC:
                     raise LogCorrupt(f"{self.path} is not a fastinterest event log (bad header)")
@@ -136,30 +135,34 @@ class EventLog:
 
     # ---- reading
     def _scan(self, off: int) -> Iterator[tuple[int, bytes]]:
-        """(end offset, payload) of each complete, intact record from `off` on, in file order; stops at the end,
-        at an incomplete record or at a bad checksum."""
+        """(end offset, payload) of each complete, intact record from `off` on, in file order. Stops at the end
+        of the file and at an incomplete last record (being written by another process, or torn: its length
+        runs past the end). A record whose checksum fails is a torn tail when it ends exactly at the end of
+        the file (stops there too), and damage otherwise: `LogCorrupt`, never a silent stop, since the
+        records after it are acknowledged ones."""
         size = os.fstat(self._fd).st_size
         buf, base = b"", off          # buf holds the file from `base` on
         while True:
             rel = off - base
-            if rel + _REC.size > len(buf):
+            need = _REC.size if rel + _REC.size > len(buf) else _REC.size + _REC.unpack_from(buf, rel)[0]
+            if rel + need > len(buf):
                 if base + len(buf) >= size:
-                    return
-                buf = buf[rel:] + os.pread(self._fd, max(_READ_CHUNK, _REC.size), base + len(buf))
+                    return            # incomplete: being written, or torn
+                more = os.pread(self._fd, max(_READ_CHUNK, need - (len(buf) - rel)), base + len(buf))
+                if not more:
+                    return            # the file shrank under us (a torn tail was cut): its end is here
+                buf = buf[rel:] + more
                 base = off
                 continue
             n, crc = _REC.unpack_from(buf, rel)
-            if rel + _REC.size + n > len(buf):
-                if base + len(buf) >= size:
-                    return    # incomplete: being written, or torn
-                buf = buf[rel:] + os.pread(self._fd, max(_READ_CHUNK, _REC.size + n - (len(buf) - rel)),
-                                           base + len(buf))
-                base = off
-                continue
             payload = buf[rel + _REC.size: rel + _REC.size + n]
+            end = off + _REC.size + n
             if zlib.crc32(payload) != crc:
-                return
-            off += _REC.size + n
+                if end >= os.fstat(self._fd).st_size:
+                    return            # a torn last record
+                raise LogCorrupt(f"{self.path}: the record at byte {off} is damaged (checksum) and acknowledged "
+                                 "records follow it; restore the file from a copy")
+            off = end
             yield off, payload
 
     def read(self, seq: int, chunk: int = 1024) -> Iterator[list[tuple]]:
@@ -171,15 +174,10 @@ class EventLog:
         with self._lock:
             start, last = (self._off, self._seq) if seq >= self._seq else (HEADER, 0)
         out: list[tuple] = []
-        for end, payload in self._scan(start):
-            events = decode_events(payload)
-            if not events or events[0][0] != last + 1:
-                raise LogCorrupt(f"{self.path}: a record at log position {last + 1} starts with "
-                                 f"{events[0][0] if events else 'nothing'}")
-            last = events[-1][0]
+        for end, events in self._records(start, last):
             with self._lock:
                 if end > self._off:   # records have the same boundaries for every reader: the cursor only advances
-                    self._off, self._seq = end, last
+                    self._off, self._seq = end, events[-1][0]
             out += [e for e in events if e[0] > seq] if events[0][0] <= seq else events
             if len(out) >= chunk:
                 yield out
@@ -214,19 +212,30 @@ class EventLog:
             self._off, self._seq = off, seq
             return True
 
+    def _records(self, off: int, last: int) -> Iterator[tuple[int, list[tuple]]]:
+        """(end offset, events) of each record from `off` on, where the log position before it is `last`;
+        checks that positions continue without gaps."""
+        for end, payload in self._scan(off):
+            events = decode_events(payload)
+            if events[0][0] != last + 1:
+                raise LogCorrupt(f"{self.path}: the record at byte {end - len(payload) - _REC.size} starts at log "
+                                 f"position {events[0][0]}, not {last + 1}")
+            last = events[-1][0]
+            yield end, events
+
     def last_seq(self) -> int:
         """The position of the last event in the log (0: none). Reads what the cursor has not, without moving
         it (the cursor is where the caller's reading goes on)."""
         with self._lock:
             last = self._seq
-            for _, payload in self._scan(self._off):
-                last = _EV.unpack_from(payload, len(payload) - _last_event_size(payload))[0]
+            for _, events in self._records(self._off, self._seq):
+                last = events[-1][0]
             return last
 
     def events(self) -> Iterator[tuple]:
         """Every event of the log, in order (does not move the cursor)."""
-        for _, payload in self._scan(HEADER):
-            yield from decode_events(payload)
+        for _, events in self._records(HEADER, 0):
+            yield from events
 
     # ---- writing
     def _write(self, data: bytes, size: int | None = None) -> None:
@@ -243,7 +252,11 @@ class EventLog:
             os.ftruncate(self._fd, size)
             raise OSError(f"{self.path}: short write ({done} of {len(data)} bytes; disk full?)")
         if self.sync:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError:   # the append fails as a whole: no record left behind for readers to apply
+                os.ftruncate(self._fd, size)
+                raise
 
     def repair(self) -> None:
         """With the lock held: read to the end of the intact records (moving the cursor) and cut off a tail
@@ -275,6 +288,8 @@ class EventLog:
 
         The request path: the lock is taken inline, not through `locked()` (a generator context manager cost
         about as much as the write itself), and one fstat both checks the log's end and sizes the write."""
+        if not rows:
+            raise ValueError("no events to append")
         data = encode_events(rows, after + 1)
         with self._lock:
             fd = self._fd
@@ -291,6 +306,8 @@ class EventLog:
 
     def append_locked(self, rows: list[tuple]) -> int:
         """Inside `locked()`: read what others appended, then append at the end; returns the first position."""
+        if not rows:
+            raise ValueError("no events to append")
         self.repair()
         first = self._seq + 1
         data = encode_events(rows, first)
@@ -298,6 +315,12 @@ class EventLog:
         self._off += len(data)
         self._seq += len(rows)
         return first
+
+    def flush(self) -> None:
+        """fdatasync: everything written so far is on disk (a checkpoint calls it before it records a
+        watermark, so that a power cut never leaves a checkpoint ahead of the log)."""
+        with self._lock:
+            os.fdatasync(self._fd)
 
     def close(self) -> None:
         with self._lock:

@@ -321,8 +321,8 @@ class Session:
             self.store = StateStore(path, shape=(L, H, self.window), synchronous=synchronous,
                                     fingerprint=run_fingerprint(self.run_dir, self.window, prepared_dir, self.recompute))
             with self._append_lock:   # the checkpoint, then the events after it
-                self._apply_records(self.store.states_since(0))
-                self._synced_seq = self.store.watermark()
+                records, self._synced_seq = self.store.load_checkpoint()
+                self._apply_records(records)
                 self._catch_up()
 
     # ------------------------------------------------------------------ loading
@@ -983,7 +983,7 @@ class Session:
                 pending = self._advance(keys, encoded, events)
                 log = pending.log_rows()
                 first = self.store.append_events(log, after=self._synced_seq)
-                if first is None:   # other processes appended since (or a batch too large for one statement)
+                if first is None:   # other processes appended since
                     with self.store.transaction() as db:
                         synced = self._synced_seq
                         self._catch_up(db)   # their events first, then ours from the states they leave

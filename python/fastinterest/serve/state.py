@@ -231,9 +231,17 @@ class StateStore:
             with self._read_lock:
                 meta = dict(self._reader.execute(
                     "SELECT key, value FROM meta WHERE key IN ('watermark', 'watermark_offset')").fetchall())
+                top = self._reader.execute("SELECT COALESCE(MAX(last_seq), 0) FROM states").fetchone()[0]
             # reading after the checkpoint starts where it ends in the log file, not at the file's start
-            self.log.start_at(int(meta.get("watermark", 0)), int(meta.get("watermark_offset", 0)))
+            watermark = int(meta.get("watermark", 0))
+            self.log.start_at(watermark, int(meta.get("watermark_offset", 0)))
             self.log.settle()
+            need, last = max(watermark, int(top)), self.log.last_seq()
+            if last < need:   # new appends would get positions the states already hold: never applied
+                raise StateMismatch(
+                    f"{self.log.path} ends at log position {last}, but the checkpoint in {self.path} holds states up "
+                    f"to position {need}: the log lost its end (a power cut with synchronous='normal'?) or is an "
+                    "older copy. Restore the log, or delete both files to start over.")
         except BaseException:
             self.close()
             raise
@@ -284,13 +292,23 @@ class StateStore:
                                     "different stores; restore the pair, or delete both to start over.")
 
     def _migrate_events_table(self, db: sqlite3.Connection) -> None:
-        """Move the `events` table of an earlier store version into the (empty) log file, then drop it."""
+        """Move the `events` table of an earlier store version into the log file, then drop it (in the caller's
+        transaction). Resumable: a migration killed part way left the first events in the log and the table
+        in place, and the next open appends the rest."""
         with self.log.locked():
-            if self.log.last_seq() == 0:
-                cur = db.execute("SELECT person, timestamp, item, category, action, platform, raw FROM events "
-                                 "ORDER BY seq")
-                while rows := cur.fetchmany(4096):
-                    self.log.append_locked([tuple(r) for r in rows])
+            n, lo, hi = db.execute("SELECT COUNT(*), MIN(seq), MAX(seq) FROM events").fetchone()
+            if n and (lo, hi) != (1, n):
+                raise StateMismatch(f"{self.path}: its events table has positions {lo}..{hi} for {n} events (gaps); "
+                                    "it cannot be moved into the event log")
+            done = self.log.last_seq()
+            if done > n:
+                raise StateMismatch(f"{self.path}: the event log {self.log.path} holds {done} events, more than the "
+                                    f"events table ({n}) it is being filled from")
+            cur = db.execute("SELECT person, timestamp, item, category, action, platform, raw FROM events "
+                             "WHERE seq > ? ORDER BY seq", (done,))
+            while rows := cur.fetchmany(4096):
+                self.log.append_locked([tuple(r) for r in rows])
+            self.log.flush()
             db.execute("DROP TABLE events")
 
     # ---- writing
@@ -346,6 +364,7 @@ class StateStore:
         start)."""
         seq, off = self.log.cursor
         off = off if seq == watermark else 0
+        self.log.flush()   # the log on disk first: a power cut must not leave the checkpoint ahead of it
         with self._db_transaction() as db:
             self.put_states(db, records)
             row = db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
@@ -370,6 +389,19 @@ class StateStore:
             return [self._decode(r) for r in db.execute(query, (int(seq),))]
         with self._read_lock:
             return [self._decode(r) for r in self._reader.execute(query, (int(seq),))]
+
+    def load_checkpoint(self) -> tuple[list[StateRecord], int]:
+        """(every stored state, the watermark) from one snapshot of the database (read apart, a checkpoint of
+        another process between the two reads would pair states with a later watermark than they reflect)."""
+        with self._read_lock:
+            db = self._reader
+            db.execute("BEGIN")
+            try:
+                records = self.states_since(0, db)
+                row = db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+            finally:
+                db.execute("COMMIT")
+        return records, int(row[0]) if row else 0
 
     def watermark(self) -> int:
         """The log position up to which the states table reflects every event (0: none)."""
