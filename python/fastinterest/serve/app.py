@@ -55,7 +55,7 @@ class ServeConfig:
     layers: str = "fastinterest"
     backend: str | None = None
     device: str = "cpu"
-    state: str | None = None           # SQLite file; ":memory:" = not durable; None = RUN/serving/state.sqlite3
+    state: str | None = None           # state file (+ STATE.log); ":memory:" = not durable; None = RUN/serving/state.sqlite3
     prepared: str | None = None        # prepared data dir; None = the run's; "none" = no known persons at load
     synchronous: str = "normal"
     max_batch: int = 64                # requests per Session batch call

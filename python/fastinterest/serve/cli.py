@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve a trained run over HTTP (interests, recommend, similar, target, append)",
         description="Serve a run directory over HTTP with per-person LSTM state, micro-batching, durable "
-                    "appends (SQLite, WAL), /healthz and /metrics. See fastinterest.serve.app for the API.")
+                    "appends (an event log file + SQLite state checkpoints), /healthz and /metrics. See fastinterest.serve.app for the API.")
     p.add_argument("run", help="run directory (fastinterest train --out RUN)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default=None, help="force a fastinterest LSTM backend (ext, numba, triton, reference)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--state", default=None,
-                   help="SQLite state file (default RUN/serving/state.sqlite3; ':memory:' = not durable)")
+                   help="state file (default RUN/serving/state.sqlite3, its event log beside it in STATE.log; "
+                        "':memory:' = not durable)")
     p.add_argument("--prepared", default=None,
                    help="prepared data dir whose persons are known at start (default: the run's; 'none': nobody)")
     p.add_argument("--synchronous", default="normal", choices=["normal", "full"],
