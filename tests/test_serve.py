@@ -637,6 +637,61 @@ def test_an_acknowledged_single_event_append_survives_kill_9(trained, tmp_path):
     again.close(), fresh.close()
 
 
+_APPEND_WORKER = """
+import json, sys
+from fastinterest.serve import Session
+import os, time
+run, state, tag, persons, n = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+s = Session(run, state=state)
+print("ready", flush=True)
+while not os.path.exists(state + ".go"):   # both workers start appending together
+    time.sleep(0.001)
+for i in range(n):
+    s.append(persons[i % len(persons)], [{"platform": "shop", "action": "view", "item_id": "%s-%d" % (tag, i),
+                                          "timestamp": 1704164136 + i}])
+    time.sleep(0.001)
+s.close()
+print("done", flush=True)
+"""
+
+
+def test_two_worker_processes_append_to_one_store_at_once(trained, tmp_path):
+    """Two processes (what `serve --workers 2` runs) append single events for the same persons at the same time:
+    the log holds every event once, and a session opened afterwards has the states of the whole log applied in
+    log order (a fresh in-memory session fed the logged events in that order)."""
+    path = tmp_path / "state.sqlite3"
+    first = Session(trained / "run", state=path)   # creates the store (and shows which persons exist)
+    persons = [first.states.keys[r] for r in first.states.known_rows()[:3]]
+    first.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    procs = [subprocess.Popen([sys.executable, "-c", _APPEND_WORKER, str(trained / "run"), str(path), tag,
+                               json.dumps(persons), "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for tag in ("a", "b")]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    Path(str(path) + ".go").touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "done", err
+    after = Session(trained / "run", state=path)
+    logged = list(after.store.log.events())
+    assert [e[0] for e in logged] == list(range(1, 81))
+    tags = [json.loads(e[7])["item_id"][0] for e in logged]
+    assert sum(x != y for x, y in zip(tags, tags[1:])) >= 2   # the two workers' appends did interleave
+    for tag in ("a", "b"):   # each worker's events once, in its order
+        assert [json.loads(e[7])["item_id"] for e in logged if json.loads(e[7])["item_id"].startswith(tag)] == [
+            f"{tag}-{i}" for i in range(40)]
+    ref = Session(trained / "run", state=":memory:")
+    for e in logged:
+        ref.append(e[1], [json.loads(e[7])])
+    for p in persons:
+        got, want = after.person_state(p), ref.person_state(p)
+        assert got["n_events"] == want["n_events"]
+        np.testing.assert_allclose(got["h"], want["h"], atol=1e-6)
+        np.testing.assert_allclose(got["c"], want["c"], atol=1e-6)
+    after.close(), ref.close()
+
+
 def test_head_topk_ranks_like_a_stable_sort():
     """`fastpath.head_topk` (rows read straight from the state arrays, the k best by insertion) ranks like the
     numpy head + `_top_k` (a stable sort): ties by lower id, NaN last, pad and unk (ids 0, 1) after every
