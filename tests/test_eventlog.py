@@ -344,3 +344,24 @@ def test_an_interrupted_migration_is_resumed(tmp_path):
     s = store(path)
     assert list(s.log.events()) == as_logged(rows, 1)
     s.close()
+
+
+def test_synchronous_full_syncs_every_append(tmp_path, monkeypatch):
+    """synchronous='full': the log is opened with sync=True and every append is followed by an fdatasync of
+    it (counted here), before the append returns."""
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    path = tmp_path / "full.sqlite3"
+    s = StateStore(path, shape=SHAPE, fingerprint={"run": "r"}, synchronous="full")
+    assert s.log.sync
+    n0 = len(calls)
+    assert s.append_events(rows_for(2), after=0) == 1
+    assert s.append_events(rows_for(1, start=2), after=2) == 3
+    assert len(calls) == n0 + 2
+    s.close()
+    again = StateStore(path, shape=SHAPE, fingerprint={"run": "r"})
+    assert [e[0] for c in again.events_since(0) for e in c] == [1, 2, 3]
+    again.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        StateStore(tmp_path / "x.sqlite3", shape=SHAPE, fingerprint={"run": "r"}, synchronous="sometimes")
