@@ -459,6 +459,28 @@ def test_embedding_lstm_cache_invalidation_and_step():
             _close(y, o3[:, t], torch.float32, f"step {t}")
 
 
+def test_embedding_lstm_large_projected_tables_sit_on_huge_pages():
+    """A projected table of at least 16 MiB (V x 4H) is allocated by `table_empty`: 2 MiB aligned and advised
+    for transparent huge pages (its random row gathers then rarely miss the TLB), with the same result as the
+    gathered-embedding path."""
+    from fastinterest import _ext
+
+    if _ext.cpu_reason() is not None:
+        pytest.skip("native extension unavailable")
+    torch.manual_seed(9)
+    m = EmbeddingLSTM(33_000, 8, 32)                  # 33000 x 128 floats = 16.1 MiB
+    ids = torch.randint(0, 33_000, (3, 6))
+    lengths = torch.tensor([6, 2, 0])
+    with torch.no_grad():
+        o1, (h1, _) = m(ids, lengths)
+        (tables,) = m._projected()
+        assert tables[0].data_ptr() % (1 << 21) == 0 and tables[0].shape == (33_000, 128)
+        m.project_tables = False
+        o2, (h2, _) = m(ids, lengths)
+    _close(o1, o2, torch.float32, "projected (huge pages) vs gathered")
+    _close(h1, h2, torch.float32, "h_n")
+
+
 def test_embedding_lstm_fused_optimizer():
     from fastinterest.optim import FusedSGD
 

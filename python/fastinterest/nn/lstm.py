@@ -487,16 +487,21 @@ class EmbeddingLSTM(nn.Module):
                                                                      for j in range(per) if j != 1]
 
         def build():
+            from .embedding import table_empty
+
             with torch.no_grad():
                 tabs = []
                 for d in range(dirs):
                     wih = w[d * per]
                     row = []
                     for f, e in enumerate(self.embeddings):
-                        t = e.weight.to(wih.dtype) @ wih.t()
+                        # huge pages where the OS allows (table_empty): the recurrence gathers one random
+                        # 4H-wide row per event, and with 4 KiB pages nearly every one missed the TLB
+                        t = table_empty((e.num_embeddings, wih.shape[0]), wih.dtype, wih.device)
+                        torch.mm(e.weight.to(wih.dtype), wih.t(), out=t)
                         if f == 0 and lstm.bias:
                             t += w[d * per + 2] + w[d * per + 3]
-                        row.append(t.contiguous())
+                        row.append(t)
                     tabs.append(row)
                 return tabs
 
