@@ -9,7 +9,8 @@ Data: full-length sequences, and a length mix drawn from the real per-user event
 UserBehavior head + tail slices (../shared/data/taobao_userbehavior; full 9-day histories), truncated
 at T = 100. Models: EmbeddingLSTM (V = 100k, the interest layer) against nn.Embedding + nn.LSTM run
 padded ("torch") or packed ("torch_packed"); plain LSTM for the B = 1 latency and step().
-Correctness is checked against torch before anything is timed. Results: benchmarks/results/<device>/.
+Correctness is checked against torch before anything is timed; the providers of one case are timed
+round-robin (harness.measure_interleaved). Results: benchmarks/results/<device>/.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "python"))
 
 import harness  # noqa: E402
-from harness import Sweep, check_close, measure, setup_threads  # noqa: E402
+from harness import Sweep, check_close, measure, measure_interleaved, setup_threads  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "taobao_userbehavior"
 V = 100_000
@@ -134,12 +135,16 @@ def bench_embedding_lstm(args, sweeps):
             check_close(h, ref_h, atol=2e-4, rtol=1e-3, what=f"fi-ext h_n {case}")
             rep = 7 if H >= 256 else 11
             heavy = dict(repeat=rep, warmup=2, sync=sync)
+            # the providers of a case are timed round-robin (harness.measure_interleaved): on this shared
+            # machine a slow spell then lands on all of them instead of on whichever ran during it
+            base = "cudnn" if device == "cuda" else "torch"
             with torch.no_grad():
-                base = "cudnn" if device == "cuda" else "torch"
-                inf.add(case, base, measure(lambda: c.torch_padded(False), **heavy))
+                fns = {base: lambda: c.torch_padded(False)}
                 if not c.full:
-                    inf.add(case, "torch_packed", measure(lambda: c.torch_packed(False), **heavy))
-                inf.add(case, "fi-ext", measure(lambda: c.fi_run(False), **heavy))
+                    fns["torch_packed"] = lambda: c.torch_packed(False)
+                fns["fi-ext"] = lambda: c.fi_run(False)
+                for name, stats in measure_interleaved(fns, **heavy).items():
+                    inf.add(case, name, stats)
                 if args.compile and (E, H) == (64, 128):
                     comp = torch.compile(lambda: c.torch_padded(False))
                     comp()
@@ -161,11 +166,12 @@ def bench_embedding_lstm(args, sweeps):
                 check_close(q.grad, p.grad, atol=2e-3, rtol=2e-3, what=f"grad {n} {case}")
             check_close(c.fi.embedding.weight.grad, c.emb.weight.grad, atol=2e-3, rtol=2e-3,
                         what=f"grad embedding {case}")
-            base = "cudnn" if device == "cuda" else "torch"
-            trn.add(case, base, measure(c.train_step(c.torch_padded, tparams), **heavy))
+            fns = {base: c.train_step(c.torch_padded, tparams)}
             if not c.full:
-                trn.add(case, "torch_packed", measure(c.train_step(c.torch_packed, tparams), **heavy))
-            trn.add(case, "fi-ext", measure(c.train_step(c.fi_run, fparams), **heavy))
+                fns["torch_packed"] = c.train_step(c.torch_packed, tparams)
+            fns["fi-ext"] = c.train_step(c.fi_run, fparams)
+            for name, stats in measure_interleaved(fns, **heavy).items():
+                trn.add(case, name, stats)
             for be in args.fallbacks:
                 c.fi.lstm.backend = be
                 trn.add(case, f"fi-{be}", measure(c.train_step(c.fi_run, fparams), repeat=3, warmup=1, sync=sync))
@@ -191,8 +197,9 @@ def bench_latency(args, sweep):
             with torch.no_grad():
                 check_close(m(x)[0], ref(x)[0], atol=2e-5, rtol=1e-4, what="B=1 output")
                 case = {"model": "LSTM", "B": B, "T": T, "E": E, "H": H, "op": "forward"}
-                sweep.add(case, base, measure(lambda: ref(x), repeat=200, warmup=20, sync=sync))
-                sweep.add(case, "fi-ext", measure(lambda: m(x), repeat=200, warmup=20, sync=sync))
+                for name, stats in measure_interleaved({base: lambda: ref(x), "fi-ext": lambda: m(x)}, repeat=200,
+                                                       warmup=20, sync=sync).items():
+                    sweep.add(case, name, stats)
         # serving: advance a batch of users by one event
         for B in (1, 64):
             x = torch.randn(B, E, device=device)
@@ -202,8 +209,9 @@ def bench_latency(args, sweep):
                 r, _ = ref(x.unsqueeze(1), hx)
                 check_close(y, r[:, 0], atol=2e-5, rtol=1e-4, what="step")
                 case = {"model": "LSTM", "B": B, "T": 1, "E": E, "H": H, "op": "step"}
-                sweep.add(case, base, measure(lambda: ref(x.unsqueeze(1), hx), repeat=300, warmup=20, sync=sync))
-                sweep.add(case, "fi-ext", measure(lambda: m.step(x, hx), repeat=300, warmup=20, sync=sync))
+                fns = {base: lambda: ref(x.unsqueeze(1), hx), "fi-ext": lambda: m.step(x, hx)}
+                for name, stats in measure_interleaved(fns, repeat=300, warmup=20, sync=sync).items():
+                    sweep.add(case, name, stats)
 
 
 def main(argv=None):
