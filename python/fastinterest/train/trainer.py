@@ -117,9 +117,9 @@ def _expand_matches(lo: torch.Tensor, count: torch.Tensor, order: torch.Tensor) 
 def _add_negative_repeat_term(neg: torch.Tensor, items: torch.Tensor, real: torch.Tensor, sorted_neg: torch.Tensor,
                               order: torch.Tensor, repeat_weight: torch.Tensor, T: int) -> torch.Tensor:
     """neg [B*(T-1), S] + repeat_weight * log(1 + n) where n[b, t, s] counts the events j <= t of person b whose
-    item is the sampled item s; added in place (neg is the GEMM's fresh output), only at the (b, s) pairs with an occurrence (few), from the
-    first one on. The dense form built [B, T, S] comparisons, a cumulative sum and a log1p over all of it."""
-    B = items.shape[0]
+    item is the sampled item s; added in place (neg is the GEMM's fresh output), only at the (b, s) pairs with
+    an occurrence (few), from the first one on. The dense form built [B, T, S] comparisons, a cumulative sum
+    and a log1p over all of it."""
     flat = items.reshape(-1)
     lo = torch.searchsorted(sorted_neg, flat)
     cnt = (torch.searchsorted(sorted_neg, flat, right=True) - lo) * real.reshape(-1)
