@@ -255,3 +255,60 @@ def test_dense_item_loss_equals_the_plain_autograd_form(repeat_term, step_mask):
             assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
         else:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S", [256, 13, 1])
+def test_fused_negative_bce_kernel_matches_torch(dtype, S):
+    """The native pass of `_NegSoftplusSum` (AVX2 for float32 where the CPU has it, scalar otherwise): the
+    weighted softplus sum and the weighted sigmoid gradient against torch in float64, including large
+    positive and negative logits, zero weights and row lengths that are not a multiple of 8."""
+    from fastinterest import _ext
+    from fastinterest.train.trainer import _neg_softplus_kernel
+
+    if _ext.cpu_reason() is not None:
+        pytest.skip("native extension unavailable")
+    torch.manual_seed(S)
+    R = 37
+    x = (torch.randn(R, S, dtype=torch.float64) * 6).to(dtype)
+    x[0, 0], x[1, -1], x[2, 0] = 95.0, -95.0, 0.0
+    w = torch.rand(R, dtype=torch.float64).to(dtype)
+    w[3] = 0.0
+    kernel = _neg_softplus_kernel(x, w)
+    assert kernel is not None
+    g = torch.full_like(x, float("nan"))                   # every entry must be written
+    total = kernel(x.data_ptr(), w.data_ptr(), g.data_ptr(), R, S, 0 if dtype == torch.float32 else 1, 2)
+    xd, wd = x.double(), w.double()
+    want = (torch.nn.functional.softplus(xd).sum(1) * wd).sum().item()
+    want_g = torch.sigmoid(xd) * wd[:, None]
+    tol = 1e-6 if dtype == torch.float32 else 1e-12   # float64: summation order (sequential vs pairwise)
+    assert abs(total - want) <= tol * abs(want)
+    torch.testing.assert_close(g.double(), want_g, rtol=tol, atol=tol)
+    empty = torch.empty(0, S, dtype=dtype)
+    assert kernel(empty.data_ptr(), w.data_ptr(), empty.data_ptr(), 0, S, 0 if dtype == torch.float32 else 1, 2) == 0.0
+
+
+def test_dense_item_loss_float32_kernel_equals_torch_ops(monkeypatch):
+    """The training loss in float32 gives the same value and gradients with the native pass as with the
+    torch ops it replaces (FASTINTEREST_LOSS_KERNEL=0)."""
+    from fastinterest.models import InterestModel
+    from fastinterest.train.trainer import InterestLoss
+
+    torch.manual_seed(4)
+    V, B, T, S = 300, 6, 12, 64
+    model = InterestModel(V, 6, 4, 3, embedding_dim=8, hidden_size=16)
+    lengths = torch.tensor([12, 7, 3, 0, 12, 9])
+    items = torch.randint(2, V, (B, T))
+    ids = [items, torch.randint(2, 6, (B, T)), torch.randint(2, 4, (B, T)), torch.randint(2, 3, (B, T))]
+    negatives = torch.randint(2, V, (S,))
+    negatives[0] = items[0, 5]
+    outputs = torch.randn(B, T, 16, requires_grad=True)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTINTEREST_LOSS_KERNEL", flag)
+        loss, _ = InterestLoss(model, TrainConfig())._dense_item_loss(ids, lengths, outputs, negatives)
+        results.append((loss, torch.autograd.grad(loss, [outputs, model.item_bias, model.repeat_weight])))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

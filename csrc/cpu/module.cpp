@@ -58,6 +58,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   fi::register_common(m);
   fi::register_embedding(m);
   fi::register_lstm(m);
+  fi::register_loss(m);
 #ifdef FI_HAVE_AVX2_TU
   fi::register_probes(m);
 #endif

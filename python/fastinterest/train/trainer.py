@@ -139,6 +139,20 @@ def _add_negative_repeat_term(neg: torch.Tensor, items: torch.Tensor, real: torc
     return neg.index_put_((rows, cols), add, accumulate=True)   # in place: the GEMM's output, not saved by it
 
 
+def _neg_softplus_kernel(x: torch.Tensor, weight: torch.Tensor):
+    """The native fused pass (`_C_cpu.neg_softplus_rows`) when it applies: CPU, float32/float64, contiguous
+    [R, S] and [R]; else None (the torch ops below compute the same)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
+            or not x.is_contiguous() or not weight.is_contiguous() or x.dim() != 2 or weight.shape != x.shape[:1]
+            or os.environ.get("FASTINTEREST_LOSS_KERNEL", "1") == "0"):
+        return None
+    from .. import _ext
+
+    if _ext.cpu_reason() is not None:
+        return None
+    return getattr(_ext.cpu(), "neg_softplus_rows", None)
+
+
 class _NegSoftplusSum(torch.autograd.Function):
     """sum over (r, s) of weight[r] * softplus(x[r, s]), the entries (drop_r[i], drop_s[i]) left out: the BCE of
     logits x against 0, weighted per row. Its gradient, weight[r] * sigmoid(x[r, s]) (0 at the dropped
@@ -148,12 +162,21 @@ class _NegSoftplusSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, drop_r, drop_s):
-        sp = F.softplus(x)
-        total = sp.sum(1).mul_(weight).sum()
-        if len(drop_r):
-            total = total - (sp[drop_r, drop_s] * weight[drop_r]).sum()
-        del sp
-        grad = torch.sigmoid(x).mul_(weight[:, None])
+        kernel = _neg_softplus_kernel(x, weight)
+        if kernel is not None:   # the native pass: x read once, the gradient written once
+            grad = torch.empty_like(x)
+            code = 0 if x.dtype == torch.float32 else 1
+            total = x.new_tensor(kernel(x.data_ptr(), weight.data_ptr(), grad.data_ptr(), x.shape[0], x.shape[1], code,
+                                        torch.get_num_threads()))
+            if len(drop_r):
+                total = total - (F.softplus(x[drop_r, drop_s]) * weight[drop_r]).sum()
+        else:
+            sp = F.softplus(x)
+            total = sp.sum(1).mul_(weight).sum()
+            if len(drop_r):
+                total = total - (sp[drop_r, drop_s] * weight[drop_r]).sum()
+            del sp
+            grad = torch.sigmoid(x).mul_(weight[:, None])
         if len(drop_r):
             grad[drop_r, drop_s] = 0
         ctx.save_for_backward(grad)
