@@ -213,17 +213,22 @@ def test_store_refuses_a_log_of_another_store(tmp_path):
         store(a)
 
 
-def test_store_moves_an_events_table_of_an_earlier_version_into_the_log(tmp_path):
-    path = tmp_path / "old.sqlite3"
+def old_store_with_events(path, rows: list[tuple]) -> None:
+    """A state file as an earlier version wrote it: the log in an `events` table (positions 1, 2, ...)."""
     db = sqlite3.connect(path)
     db.executescript("""
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE events (seq INTEGER PRIMARY KEY, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
             item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
             raw TEXT NOT NULL);""")
-    rows = rows_for(4)
     db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", as_logged(rows, 1))
     db.commit(), db.close()
+
+
+def test_store_moves_an_events_table_of_an_earlier_version_into_the_log(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    rows = rows_for(4)
+    old_store_with_events(path, rows)
     s = store(path)
     assert list(s.log.events()) == as_logged(rows, 1)
     assert s._reader.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchone() is None
@@ -329,15 +334,8 @@ def test_store_refuses_a_log_behind_its_checkpoint(tmp_path):
 def test_an_interrupted_migration_is_resumed(tmp_path):
     """A migration killed after part of the table reached the log finishes on the next open."""
     path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE events (seq INTEGER PRIMARY KEY, person TEXT NOT NULL, timestamp INTEGER NOT NULL,
-            item INTEGER NOT NULL, category INTEGER NOT NULL, action INTEGER NOT NULL, platform INTEGER NOT NULL,
-            raw TEXT NOT NULL);""")
     rows = rows_for(10)
-    db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", as_logged(rows, 1))
-    db.commit(), db.close()
+    old_store_with_events(path, rows)
     partial = EventLog(log_path(path))               # what a killed migration left: the first 4 events
     partial.append(rows[:4], after=0)
     partial.close()
