@@ -20,6 +20,14 @@ def rows_for(n: int, tag: str = "p", start: int = 0) -> list[tuple]:
              json.dumps({"i": start + i, "text": "ü ☃"})) for i in range(n)]
 
 
+def filled_log(path, records: int, per: int) -> EventLog:
+    """A log with `records` appends of `per` events each (rows_for, positions 1 .. records * per)."""
+    log = EventLog(path)
+    for i in range(records):
+        assert log.append(rows_for(per, start=per * i), after=per * i) == per * i + 1
+    return log
+
+
 def as_logged(rows: list[tuple], first: int) -> list[tuple]:
     return [(seq, *row) for seq, row in enumerate(rows, first)]
 
@@ -55,9 +63,7 @@ def test_append_read_and_cursor(tmp_path):
 
 
 def test_chunks_of_read(tmp_path):
-    log = EventLog(tmp_path / "c.log")
-    for i in range(10):
-        log.append(rows_for(3, start=3 * i), after=3 * i)
+    log = filled_log(tmp_path / "c.log", 10, 3)
     fresh = EventLog(tmp_path / "c.log")
     chunks = list(fresh.read(0, chunk=7))
     assert [len(c) for c in chunks] == [9, 9, 9, 3]   # whole records, at least `chunk` events per list
@@ -240,9 +246,7 @@ def test_store_moves_an_events_table_of_an_earlier_version_into_the_log(tmp_path
 def test_a_reader_that_stops_early_does_not_block_writers(tmp_path):
     import threading
 
-    log = EventLog(tmp_path / "e.log")
-    for i in range(4):
-        log.append(rows_for(2, start=2 * i), after=2 * i)
+    log = filled_log(tmp_path / "e.log", 4, 2)
     reader = EventLog(tmp_path / "e.log")
     it = reader.read(0, chunk=2)
     assert [e[0] for e in next(it)] == [1, 2]     # the generator is suspended here, not finished
@@ -267,9 +271,7 @@ def test_damage_inside_the_log_raises_instead_of_cutting_acknowledged_records(tm
     """A bad checksum with records after it is damage, not a torn tail: reading raises, and opening never
     truncates the acknowledged records behind it."""
     path = tmp_path / "d.log"
-    log = EventLog(path)
-    for i in range(5):
-        log.append(rows_for(1, start=i), after=i)
+    log = filled_log(path, 5, 1)
     log.close()
     size = os.path.getsize(path)
     data = bytearray(path.read_bytes())
