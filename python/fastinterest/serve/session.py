@@ -590,11 +590,11 @@ class Session:
             with self._append_lock:
                 self._catch_up()
 
-    def _catch_up(self, db=None) -> None:
+    def _catch_up(self) -> None:
         """Apply the log's events after `_synced_seq` (other processes' appends; at load, the events after the
-        checkpoint), in log order, a chunk at a time. Call with the append lock held (and, with db, inside
-        that transaction)."""
-        for rows in self.store.events_since(self._synced_seq, db):
+        checkpoint), in log order, a chunk at a time. Call with the append lock held (before an append that
+        found the log moved on: inside the store's `transaction()`)."""
+        for rows in self.store.events_since(self._synced_seq):
             self._replay(rows)
             self._synced_seq = int(rows[-1][0])
 
@@ -986,7 +986,7 @@ class Session:
                 if first is None:   # other processes appended since
                     with self.store.transaction() as db:
                         synced = self._synced_seq
-                        self._catch_up(db)   # their events first, then ours from the states they leave
+                        self._catch_up()   # their events first, then ours from the states they leave
                         if self._synced_seq != synced:
                             pending = self._advance(keys, encoded, events)
                             log = pending.log_rows()

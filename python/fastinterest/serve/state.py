@@ -328,7 +328,7 @@ class StateStore:
     @contextmanager
     def transaction(self) -> Iterator[EventLog]:
         """Hold the log's write lock (against this process's other threads and other processes): inside, read
-        the events others appended (`events_since(seq, log)`) and append after them (`insert_events`)."""
+        the events others appended (`events_since(seq)`) and append after them (`insert_events`)."""
         with self.log.locked():
             yield self.log
 
@@ -409,9 +409,9 @@ class StateStore:
             row = self._reader.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
         return int(row[0]) if row else 0
 
-    def events_since(self, seq: int, db: EventLog | None = None, chunk: int = 1024) -> Iterator[list[tuple]]:
+    def events_since(self, seq: int, chunk: int = 1024) -> Iterator[list[tuple]]:
         """The events after log position `seq`, in log order, as lists of about `chunk` tuples (seq, person,
-        item, category, action, platform, timestamp). With db: inside the caller's `transaction()`."""
+        item, category, action, platform, timestamp); inside a `transaction()` too (the lock is reentrant)."""
         for rows in self.log.read(seq, chunk):
             yield [(q, person, item, category, action, platform, ts)
                    for q, person, ts, item, category, action, platform, _ in rows]
