@@ -10,6 +10,10 @@ pytestmark = [pytest.mark.cuda,
 from fastinterest import _dispatch  # noqa: E402
 from fastinterest.nn import LSTM, EmbeddingLSTM  # noqa: E402
 
+# cuDNN's LSTM defaults to TF32 tensor cores; the reference must be full float32
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-3), torch.float64: dict(atol=1e-9, rtol=1e-7),
        torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
@@ -51,6 +55,29 @@ def test_cuda_parity_float32(backend, H, bidirectional):
     assert torch.all(o[lengths.to(dev) == 0] == 0)
     (ro.sum() + rh.sum() + rc.sum()).backward()
     (o[keep].sum() + h[:, keep].sum() + c[:, keep].sum()).backward()
+    torch.testing.assert_close(x2.grad[keep], x1.grad[keep], **tol)
+    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda s: f"grad {name}: {s}")
+
+
+@pytest.mark.parametrize("backend", _backends(torch.float64))
+def test_cuda_parity_float64_h256(backend):
+    """float64 at H = 256: the fused forward fits in shared memory, the fused backward does not (the
+    alternating path takes over instead of failing the launch)."""
+    torch.manual_seed(3)
+    dev = "cuda"
+    ref = torch.nn.LSTM(16, 256, batch_first=True).to(dev).double()
+    m = LSTM.from_torch(ref, backend=backend)
+    x = torch.randn(9, 6, 16, device=dev, dtype=torch.float64)
+    lengths = torch.tensor([6, 0, 3, 1, 6, 2, 5, 4, 6])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    keep, ro, rh, rc = _ref(ref, x1, lengths, None)
+    o, (h, c) = m(x2, lengths=lengths)
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(o[keep], ro, **tol)
+    torch.testing.assert_close(c[:, keep], rc, **tol)
+    (ro.sum() + rh.sum()).backward()
+    (o[keep].sum() + h[:, keep].sum()).backward()
     torch.testing.assert_close(x2.grad[keep], x1.grad[keep], **tol)
     for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda s: f"grad {name}: {s}")

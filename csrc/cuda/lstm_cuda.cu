@@ -257,19 +257,21 @@ constexpr int UNITS = 8;      // hidden units per block
 constexpr int RCHUNK = 32;    // rows staged per pass
 constexpr int THREADS = UNITS * RCHUNK;
 
-// Forward. grid = (ceil(H / UNITS), row_groups); block = THREADS. Shared memory: w [4*UNITS][H],
-// hs [RCHUNK][H] (accumulation type).
+// Forward. grid = (ceil(H / UNITS), row_groups); block = THREADS. Shared memory: w [4*UNITS][H + 1],
+// hs [RCHUNK][H + 1] (accumulation type). The rows are padded by one element: a warp's threads read
+// w rows of 8 units and hs rows of 4 positions at the same k, which with a row stride of H (a multiple
+// of 32) all fall in one bank (8-way and 4-way conflicts); with H + 1 they fall in different banks.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) fused_fwd(FwdP<T> q, int64_t rows_per_group) {
   using A = typename Acc<T>::type;
   extern __shared__ unsigned char smem_raw[];
   A* w = reinterpret_cast<A*>(smem_raw);
-  A* hs = w + 4 * UNITS * q.H;
-  const int64_t H = q.H;
+  const int64_t H = q.H, HP = q.H + 1;
+  A* hs = w + 4 * UNITS * HP;
   const int64_t j0 = blockIdx.x * UNITS;
   for (int64_t i = threadIdx.x; i < 4 * UNITS * H; i += blockDim.x) {
     const int64_t gu = i / H, k = i % H, g = gu / UNITS, u = gu % UNITS;
-    w[i] = (j0 + u < H) ? static_cast<A>(ld(q.whh + (g * H + j0 + u) * H + k)) : A(0);
+    w[gu * HP + k] = (j0 + u < H) ? static_cast<A>(ld(q.whh + (g * H + j0 + u) * H + k)) : A(0);
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
@@ -282,15 +284,15 @@ __global__ void __launch_bounds__(THREADS) fused_fwd(FwdP<T> q, int64_t rows_per
     const int64_t r0 = blockIdx.y * rows_per_group, r1 = lmin(n, r0 + rows_per_group);
     for (int64_t c0 = r0; c0 < r1; c0 += RCHUNK) {
       const int64_t cn = lmin(RCHUNK, r1 - c0);
-      for (int64_t i = threadIdx.x; i < cn * H; i += blockDim.x) hs[i] = hp[(c0 + i / H) * H + i % H];
+      for (int64_t i = threadIdx.x; i < cn * H; i += blockDim.x) hs[(i / H) * HP + i % H] = hp[(c0 + i / H) * H + i % H];
       __syncthreads();
       if (rloc < cn && j < H) {
         A gi = 0, gf = 0, gg = 0, go = 0;
-        const A* hr = hs + rloc * H;
-        const A* wi = w + (0 * UNITS + u) * H;
-        const A* wf = w + (1 * UNITS + u) * H;
-        const A* wg = w + (2 * UNITS + u) * H;
-        const A* wo = w + (3 * UNITS + u) * H;
+        const A* hr = hs + rloc * HP;
+        const A* wi = w + (0 * UNITS + u) * HP;
+        const A* wf = w + (1 * UNITS + u) * HP;
+        const A* wg = w + (2 * UNITS + u) * HP;
+        const A* wo = w + (3 * UNITS + u) * HP;
         for (int64_t k = 0; k < H; ++k) {
           const A hv = hr[k];
           gi += hv * wi[k];
@@ -309,20 +311,20 @@ __global__ void __launch_bounds__(THREADS) fused_fwd(FwdP<T> q, int64_t rows_per
   }
 }
 
-// Backward. Same grid; shared memory: w [UNITS][4H] (W_hh columns of this block's units, transposed),
-// ds [RCHUNK][4H] staged dgates rows of the previous (later) step.
+// Backward. Same grid; shared memory: w [UNITS][4H + 1] (W_hh columns of this block's units,
+// transposed), ds [RCHUNK][4H + 1] staged dgates rows of the previous (later) step (padded as forward).
 template <typename T>
 __global__ void __launch_bounds__(THREADS) fused_bwd(BwdP<T> q, int64_t rows_per_group, typename Acc<T>::type* dh0_buf,
                                                      typename Acc<T>::type* dg2) {
   using A = typename Acc<T>::type;
   extern __shared__ unsigned char smem_raw[];
   A* w = reinterpret_cast<A*>(smem_raw);
-  const int64_t H = q.H, H4 = 4 * q.H;
-  A* ds = w + UNITS * H4;
+  const int64_t H = q.H, H4 = 4 * q.H, H4P = 4 * q.H + 1;
+  A* ds = w + UNITS * H4P;
   const int64_t j0 = blockIdx.x * UNITS;
   for (int64_t i = threadIdx.x; i < UNITS * H4; i += blockDim.x) {
     const int64_t uu = i / H4, k = i % H4;
-    w[i] = (j0 + uu < H) ? static_cast<A>(ld(q.whh + k * H + j0 + uu)) : A(0);
+    w[uu * H4P + k] = (j0 + uu < H) ? static_cast<A>(ld(q.whh + k * H + j0 + uu)) : A(0);
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
@@ -341,14 +343,15 @@ __global__ void __launch_bounds__(THREADS) fused_bwd(BwdP<T> q, int64_t rows_per
     for (int64_t c0 = r0; c0 < r1; c0 += RCHUNK) {
       const int64_t cn = lmin(RCHUNK, r1 - c0);
       const int64_t cg_ = lmax(0, lmin(cn, n_next - c0));  // rows with a later step
-      for (int64_t i = threadIdx.x; i < cg_ * H4; i += blockDim.x) ds[i] = qq.dgS[(c0 + i / H4) * H4 + i % H4];
+      for (int64_t i = threadIdx.x; i < cg_ * H4; i += blockDim.x)
+        ds[(i / H4) * H4P + i % H4] = qq.dgS[(c0 + i / H4) * H4 + i % H4];
       __syncthreads();
       A dh = 0;
       const int64_t p = c0 + rloc;
       if (rloc < cn && j < H) {
         if (rloc < cg_) {
-          const A* dr = ds + rloc * H4;
-          const A* wr = w + u * H4;
+          const A* dr = ds + rloc * H4P;
+          const A* wr = w + u * H4P;
           for (int64_t k = 0; k < H4; ++k) dh += dr[k] * wr[k];
         } else if (q.grad_hn) {
           dh = ld(q.grad_hn + q.pl.perm[p] * H + j);
@@ -385,8 +388,12 @@ DPlan make_dplan(std::uintptr_t lengths, std::uintptr_t perm, std::uintptr_t bs,
   return pl;
 }
 
-template <typename T> size_t fwd_smem(int64_t H) { return sizeof(typename Acc<T>::type) * (4 * UNITS * H + RCHUNK * H); }
-template <typename T> size_t bwd_smem(int64_t H) { return sizeof(typename Acc<T>::type) * (UNITS * 4 * H + RCHUNK * 4 * H); }
+template <typename T> size_t fwd_smem(int64_t H) {
+  return sizeof(typename Acc<T>::type) * (4 * UNITS * (H + 1) + RCHUNK * (H + 1));
+}
+template <typename T> size_t bwd_smem(int64_t H) {
+  return sizeof(typename Acc<T>::type) * (UNITS * (4 * H + 1) + RCHUNK * (4 * H + 1));
+}
 
 // Grid for the fused kernels: (unit blocks, row groups), all co-resident; 0 row groups if impossible.
 template <typename K>
@@ -397,6 +404,9 @@ int64_t fused_row_groups(K kernel, size_t smem, int64_t H, int64_t n0) {
   check_cuda(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev), "cudaDeviceGetAttribute");
   if (!coop) return 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  int smem_max = 0;
+  check_cuda(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  if (smem > static_cast<size_t>(smem_max)) return 0;  // e.g. float64 backward at H = 256: the alternating path
   if (smem > 48 * 1024)
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute");
@@ -495,6 +505,10 @@ bool forward_call(const py::dict& a) {
     FI_CHECK_LAUNCH("lstm fused_fwd");
     return true;
   }
+  // every dict read happens before the GIL is released (touching Python objects without it crashes)
+  const bool step = mode == "step";
+  const int64_t s = step ? a["s"].cast<int64_t>() : 0, n = step ? a["n"].cast<int64_t>() : 0;
+  const bool swap = step && a["swap"].cast<bool>();
   py::gil_scoped_release nogil;
   if (mode == "init") {
     init_fwd_state<T><<<blocks_for(BH), 256, 0, stream>>>(q);
@@ -503,10 +517,9 @@ bool forward_call(const py::dict& a) {
     // the final c lives in state_c; h_n is read from the output rows
     finish_fwd<T><<<blocks_for(BH), 256, 0, stream>>>(q);
     FI_CHECK_LAUNCH("lstm finish_fwd");
-  } else if (mode == "step") {
-    const int64_t s = a["s"].cast<int64_t>(), n = a["n"].cast<int64_t>();
-    A* prev = a["swap"].cast<bool>() ? q.hB : q.hA;
-    A* next = a["swap"].cast<bool>() ? q.hA : q.hB;
+  } else if (step) {
+    A* prev = swap ? q.hB : q.hA;
+    A* next = swap ? q.hA : q.hB;
     pointwise_fwd<T><<<blocks_for(n * q.H), 256, 0, stream>>>(q, s, n, prev, next);
     FI_CHECK_LAUNCH("lstm pointwise_fwd");
   } else {
@@ -545,15 +558,17 @@ bool backward_call(const py::dict& a) {
     FI_CHECK_LAUNCH("lstm fused_bwd");
     return true;
   }
-  py::gil_scoped_release nogil;
+  const bool step = mode == "step";
+  const int64_t s = step ? a["s"].cast<int64_t>() : 0, n = step ? a["n"].cast<int64_t>() : 0,
+                n_next = step ? a["n_next"].cast<int64_t>() : 0;
+  py::gil_scoped_release nogil;  // no Python object is touched below
   if (mode == "init") {
     init_bwd_state<T><<<blocks_for(BH), 256, 0, stream>>>(q);
     FI_CHECK_LAUNCH("lstm init_bwd_state");
   } else if (mode == "finish") {
     finish_bwd<T><<<blocks_for(BH), 256, 0, stream>>>(q, dh0_from, n0);
     FI_CHECK_LAUNCH("lstm finish_bwd");
-  } else if (mode == "step") {
-    const int64_t s = a["s"].cast<int64_t>(), n = a["n"].cast<int64_t>(), n_next = a["n_next"].cast<int64_t>();
+  } else if (step) {
     pointwise_bwd<T><<<blocks_for(n * q.H), 256, 0, stream>>>(q, s, n, n_next);
     FI_CHECK_LAUNCH("lstm pointwise_bwd");
   } else {
