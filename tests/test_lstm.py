@@ -566,3 +566,37 @@ def test_gradient_through_one_output(backend, through):
     _close(x2.grad, x1.grad, torch.float32, "grad input", grad=True)
     for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
         _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_triton_chunked_recurrence(monkeypatch, bidirectional):
+    """The K-chunked recurrence that Triton uses on a GPU for H > 64 (weights too big for shared memory),
+    forced here under the interpreter with small chunks (H = 20 over chunks of 8: a partial last chunk)."""
+    import triton
+
+    from fastinterest.triton import lstm as tlstm
+
+    def chunked(B, H, device):
+        return 16, max(16, triton.next_power_of_2(H)), 8, 4
+
+    monkeypatch.setattr(tlstm, "_blocks", chunked)
+    torch.manual_seed(3)
+    E, H, B, T = 7, 20, 19, 6  # B > BLOCK_B: two programs
+    ref = torch.nn.LSTM(E, H, num_layers=2, batch_first=True, bidirectional=bidirectional)
+    m = LSTM.from_torch(ref, backend="triton")
+    x = torch.randn(B, T, E)
+    lengths = torch.randint(0, T + 1, (B,))
+    dirs = 2 if bidirectional else 1
+    hx = (torch.randn(2 * dirs, B, H), torch.randn(2 * dirs, B, H))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, True)
+    o, (h, c) = m(x2, hx, lengths=lengths)
+    _close(o, ro.detach(), torch.float32, "output")
+    _close(h, rh.detach(), torch.float32, "h_n")
+    _close(c, rc.detach(), torch.float32, "c_n")
+    _loss(ro, rh, rc).backward()
+    _loss(o, h, c).backward()
+    _close(x2.grad, x1.grad, torch.float32, "grad input", grad=True)
+    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
+        _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
