@@ -15,6 +15,7 @@
 #include <cub/device/device_select.cuh>
 
 #include <cstdint>
+#include <type_traits>
 #include <stdexcept>
 #include <vector>
 
@@ -125,6 +126,78 @@ __global__ void bag_forward_kernel(const W* __restrict__ w, int64_t D, const I* 
       }
       out[b * D + d] = v;
     }
+  }
+}
+
+// ---------------------------------------------------------------- forward, sum / mean, D <= 256
+// The general kernel above issues one row load per lane per iteration (a shuffle, a skip test and a
+// dependent load), so a warp has ~NC loads in flight and the gather runs latency-bound (H200, V = 1M,
+// D = 64: ~230 GB/s against torch's ~900). Here the columns per lane are a compile-time NC and U rows
+// are loaded before any is accumulated, so a warp keeps U * NC loads in flight. Rows are still added
+// in position order: the result is bit-identical to the general kernel.
+template <typename W, typename A, typename I, int NC>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
+    bag_sum_kernel(const W* __restrict__ w, int64_t D, const I* __restrict__ idx, const I* __restrict__ off,
+                   int64_t B, const A* __restrict__ psw, bool mean, int64_t skip, A* __restrict__ out) {
+  constexpr int U = NC <= 2 ? 8 : 4;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (b >= B) return;
+  int64_t start, end;
+  bag_range(off, b, start, end);
+  A acc[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) acc[k] = A(0);
+  int count = 0;
+  for (int64_t j0 = start; j0 < end; j0 += kWarp) {
+    const int64_t jl = j0 + lane;
+    const int64_t my_r = jl < end ? static_cast<int64_t>(idx[jl]) : 0;
+    const A my_s = (psw && jl < end) ? psw[jl] : A(1);
+    const int n = static_cast<int>((end - j0) < kWarp ? (end - j0) : kWarp);
+    int t = 0;
+    for (; t + U <= n; t += U) {
+      int64_t r[U];
+      A v[U][NC];
+#pragma unroll
+      for (int u = 0; u < U; ++u) r[u] = __shfl_sync(0xffffffffu, my_r, t + u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const W* row = w + r[u] * D;  // a padding row is in range: loaded, then left out below
+#pragma unroll
+        for (int k = 0; k < NC; ++k) {
+          const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+          v[u][k] = d < D ? to_acc(row[d]) : A(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const A sc = __shfl_sync(0xffffffffu, my_s, t + u);
+        if (r[u] == skip) continue;
+        ++count;
+#pragma unroll
+        for (int k = 0; k < NC; ++k) acc[k] += sc * v[u][k];
+      }
+    }
+    for (; t < n; ++t) {
+      const int64_t r = __shfl_sync(0xffffffffu, my_r, t);
+      const A sc = __shfl_sync(0xffffffffu, my_s, t);
+      if (r == skip) continue;
+      ++count;
+      const W* row = w + r * D;
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+        if (d < D) acc[k] += sc * to_acc(row[d]);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+    if (d >= D) continue;
+    A v = acc[k];
+    if (mean) v = count > 0 ? v / static_cast<A>(count) : A(0);
+    out[b * D + d] = v;
   }
 }
 
@@ -380,7 +453,20 @@ void forward(std::uintptr_t weight, int wdtype, int64_t V, int64_t D, std::uintp
       using I = decltype(i0);
       // offsets share the indices' type on CUDA (Python converts them): half the instantiations
       if (off && odtype != idtype) throw std::invalid_argument("fastinterest CUDA embedding: offsets dtype must equal indices dtype");
-      {
+      if (mode != kMax && D <= kWarp * kMaxColsPerLane) {
+        auto launch = [&](auto nc) {
+          constexpr int NC = decltype(nc)::value;
+          bag_sum_kernel<W, A, I, NC><<<blocks_for(B, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
+              reinterpret_cast<const W*>(weight), D, reinterpret_cast<const I*>(idx),
+              reinterpret_cast<const I*>(off), B, reinterpret_cast<const A*>(psw), mode == kMean, skip_idx,
+              reinterpret_cast<A*>(out));
+        };
+        if (D <= kWarp) launch(std::integral_constant<int, 1>{});
+        else if (D <= 2 * kWarp) launch(std::integral_constant<int, 2>{});
+        else if (D <= 4 * kWarp) launch(std::integral_constant<int, 4>{});
+        else launch(std::integral_constant<int, 8>{});
+        FI_CHECK_LAUNCH("bag_sum_kernel");
+      } else {
         using O = I;
         bag_forward_kernel<W, A, I, O><<<blocks_for(B, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
             reinterpret_cast<const W*>(weight), D, reinterpret_cast<const I*>(idx), reinterpret_cast<const O*>(off),

@@ -59,6 +59,22 @@ def _check_offsets(offsets: Optional[Tensor], n: int) -> None:
         raise ValueError(f"fastinterest embedding_bag: offsets end at {int(off[-1])} but there are only {n} indices")
 
 
+def _input_is_valid(V: int, indices: Tensor, offsets: Optional[Tensor]) -> bool:
+    """All index and offset checks as one device-side reduction and a single host read. The precise
+    checks above each read a value back (four device synchronisations on a GPU, measured ~0.25 ms of the
+    0.35 ms forward on an H200 at V = 1M, 16384 bags x 20); here they run only once this says no."""
+    n = indices.numel()
+    flags = []
+    if n:
+        lo, hi = torch.aminmax(indices)
+        flags += [lo < 0, hi >= V]
+    if offsets is not None and offsets.numel():
+        flags += [offsets[0] != 0, offsets[-1] > n]
+        if offsets.numel() > 1:
+            flags.append((offsets[1:] < offsets[:-1]).any())
+    return not flags or not bool(torch.stack(flags).any())
+
+
 def _impl(backend: str):
     return _reg.IMPLS[backend]
 
@@ -81,8 +97,10 @@ def _forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx, b
             _check_indices(weight, indices)
             _check_offsets(offsets, indices.numel())
             raise ValueError("fastinterest embedding_bag: malformed indices or offsets") from None
-    _check_indices(weight, indices)
-    _check_offsets(offsets, indices.numel())
+    if not _input_is_valid(weight.shape[0], indices, offsets):
+        _check_indices(weight, indices)
+        _check_offsets(offsets, indices.numel())
+        raise ValueError("fastinterest embedding_bag: malformed indices or offsets")  # not reached
     return impl.forward(weight, indices, offsets, per_sample_weights, bag_mode, skip_idx)
 
 
