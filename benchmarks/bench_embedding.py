@@ -116,6 +116,14 @@ def bench_forward(sweep, V, D, B, L, dist, device, weight_dtypes=("float32",), p
         stats = measure_interleaved({k: fn for k, fn in calls.items()}, sync=sync)
         for (name, wd), st in stats.items():
             sweep.add({**case, "rows": wd}, name, st, GBps=B * L * D * elem[wd] / 1e6 / st["median_ms"])
+        if probe and device == "cuda" and not psw:
+            # the GPU ceiling: a device-to-device copy of 1 GiB (bytes read + written), the figure the
+            # "% of HBM bandwidth" targets are read against
+            src = torch.empty(2**28, device=device)
+            dst = torch.empty_like(src)
+            st = measure(lambda: dst.copy_(src), repeat=7, sync=sync)
+            sweep.add({**case, "rows": "float32"}, "probe-copy", st, GBps=2 * src.numel() * 4 / 1e6 / st["median_ms"])
+            del src, dst
         if probe and device == "cpu" and hasattr(_ext.cpu(), "probe_seq_read") and not psw:
             # streaming read of the whole table: the ceiling for any access pattern
             nt = torch.get_num_threads()
@@ -193,6 +201,8 @@ def main(argv=None):
     fwd = Sweep("embedding_forward_headline", device=dev)
     for dist in ("uniform", "zipf"):
         bench_forward(fwd, V, D, B, L, dist, dev, weight_dtypes=half)
+    if dev == "cuda":   # the headline case reads 84 MB, a few microseconds of HBM: add one that fills it
+        bench_forward(fwd, 10**7, D, 65536, 50, "uniform", dev, weight_dtypes=half)
     fwd.write(args.out, command=cmd)
     if args.quick:
         return

@@ -30,8 +30,13 @@ DATA = HERE.parent.parent / "shared" / "data" / "taobao_userbehavior"
 V = 100_000
 
 
+LENGTHS_FILE = None  # --lengths-file: the same counts, one per line (a GPU machine has no ../shared)
+
+
 def taobao_lengths() -> list[int]:
     """Per-user event counts of the head + tail slices (complete histories)."""
+    if LENGTHS_FILE is not None:
+        return [int(x) for x in Path(LENGTHS_FILE).read_text().split()]
     counts: dict[tuple[str, str], int] = {}
     for part in ("fattydelivery_head", "betashepherd_tail"):
         path = DATA / part / "UserBehavior.csv"
@@ -114,68 +119,68 @@ def bench_embedding_lstm(args, sweeps):
     inf = sweeps["inference"]
     trn = sweeps["training"]
     shapes = [(64, 128)] if args.quick else [(64, 128), (128, 256)]
-    B = 256
-    for E, H in shapes:
-        for mix in ("full", "taobao"):
-            if args.quick and (E, H) != (64, 128):
-                continue
-            T = 50 if mix == "full" else 100
-            lengths = torch.full((B,), T) if mix == "full" else length_mix(B, T)
-            T = int(lengths.max()) if mix == "taobao" else T
-            lengths = lengths.clamp(max=T)
-            c = Case(device, B, T, E, H, lengths)
-            case = {"model": "EmbeddingLSTM", "B": B, "T": T, "E": E, "H": H, "V": V, "lengths": mix,
-                    "mean_len": round(float(lengths.float().mean()), 1)}
-            sync = _sync(device)
-            # correctness first (valid steps and final state)
-            with torch.no_grad():
-                ref_out, ref_h = c.torch_packed(False)
-                out, h = c.fi_run(False)
-            check_close(out, ref_out, atol=2e-4, rtol=1e-3, what=f"fi-ext output {case}")
-            check_close(h, ref_h, atol=2e-4, rtol=1e-3, what=f"fi-ext h_n {case}")
-            rep = 7 if H >= 256 else 11
-            heavy = dict(repeat=rep, warmup=2, sync=sync)
-            # the providers of a case are timed round-robin (harness.measure_interleaved): on this shared
-            # machine a slow spell then lands on all of them instead of on whichever ran during it
-            base = "cudnn" if device == "cuda" else "torch"
-            with torch.no_grad():
-                fns = {base: lambda: c.torch_padded(False)}
-                if not c.full:
-                    fns["torch_packed"] = lambda: c.torch_packed(False)
-                fns["fi-ext"] = lambda: c.fi_run(False)
-                for name, stats in measure_interleaved(fns, **heavy).items():
-                    inf.add(case, name, stats)
-                if args.compile and (E, H) == (64, 128):
-                    comp = torch.compile(lambda: c.torch_padded(False))
-                    comp()
-                    inf.add(case, "torch_compile", measure(comp, **heavy))
-                for be in args.fallbacks:
-                    c.fi.lstm.backend = be
-                    inf.add(case, f"fi-{be}", measure(lambda: c.fi_run(False), repeat=3, warmup=1, sync=sync))
-                c.fi.lstm.backend = None
-            # training: forward + backward (dense embedding gradient on both sides)
-            tparams = list(c.emb.parameters()) + list(c.lstm.parameters())
-            fparams = list(c.fi.parameters())
-            for p in tparams + fparams:
-                p.grad = None
-            out, h = c.fi_run(True)
-            (out.sum() + h.sum()).backward()
-            rout, rh = c.torch_packed(True)
-            (rout.sum() + rh.sum()).backward()
-            for (n, p), q in zip(c.lstm.named_parameters(), c.fi.lstm.parameters()):
-                check_close(q.grad, p.grad, atol=2e-3, rtol=2e-3, what=f"grad {n} {case}")
-            check_close(c.fi.embedding.weight.grad, c.emb.weight.grad, atol=2e-3, rtol=2e-3,
-                        what=f"grad embedding {case}")
-            fns = {base: c.train_step(c.torch_padded, tparams)}
+    # GPU targets: >= 2x cuDNN at B <= 64 and >= cuDNN at B = 1024 with variable lengths
+    batches = (256,) if device == "cpu" else (64, 256, 1024)
+    for B, (E, H), mix in ((B, s, m) for B in batches for s in shapes for m in ("full", "taobao")):
+        if args.quick and (E, H) != (64, 128):
+            continue
+        T = 50 if mix == "full" else 100
+        lengths = torch.full((B,), T) if mix == "full" else length_mix(B, T)
+        T = int(lengths.max()) if mix == "taobao" else T
+        lengths = lengths.clamp(max=T)
+        c = Case(device, B, T, E, H, lengths)
+        case = {"model": "EmbeddingLSTM", "B": B, "T": T, "E": E, "H": H, "V": V, "lengths": mix,
+                "mean_len": round(float(lengths.float().mean()), 1)}
+        sync = _sync(device)
+        # correctness first (valid steps and final state)
+        with torch.no_grad():
+            ref_out, ref_h = c.torch_packed(False)
+            out, h = c.fi_run(False)
+        check_close(out, ref_out, atol=2e-4, rtol=1e-3, what=f"fi-ext output {case}")
+        check_close(h, ref_h, atol=2e-4, rtol=1e-3, what=f"fi-ext h_n {case}")
+        rep = 7 if H >= 256 else 11
+        heavy = dict(repeat=rep, warmup=2, sync=sync)
+        # the providers of a case are timed round-robin (harness.measure_interleaved): on this shared
+        # machine a slow spell then lands on all of them instead of on whichever ran during it
+        base = "cudnn" if device == "cuda" else "torch"
+        with torch.no_grad():
+            fns = {base: lambda: c.torch_padded(False)}
             if not c.full:
-                fns["torch_packed"] = c.train_step(c.torch_packed, tparams)
-            fns["fi-ext"] = c.train_step(c.fi_run, fparams)
+                fns["torch_packed"] = lambda: c.torch_packed(False)
+            fns["fi-ext"] = lambda: c.fi_run(False)
             for name, stats in measure_interleaved(fns, **heavy).items():
-                trn.add(case, name, stats)
+                inf.add(case, name, stats)
+            if args.compile and (E, H) == (64, 128):
+                comp = torch.compile(lambda: c.torch_padded(False))
+                comp()
+                inf.add(case, "torch_compile", measure(comp, **heavy))
             for be in args.fallbacks:
                 c.fi.lstm.backend = be
-                trn.add(case, f"fi-{be}", measure(c.train_step(c.fi_run, fparams), repeat=3, warmup=1, sync=sync))
+                inf.add(case, f"fi-{be}", measure(lambda: c.fi_run(False), repeat=3, warmup=1, sync=sync))
             c.fi.lstm.backend = None
+        # training: forward + backward (dense embedding gradient on both sides)
+        tparams = list(c.emb.parameters()) + list(c.lstm.parameters())
+        fparams = list(c.fi.parameters())
+        for p in tparams + fparams:
+            p.grad = None
+        out, h = c.fi_run(True)
+        (out.sum() + h.sum()).backward()
+        rout, rh = c.torch_packed(True)
+        (rout.sum() + rh.sum()).backward()
+        for (n, p), q in zip(c.lstm.named_parameters(), c.fi.lstm.parameters()):
+            check_close(q.grad, p.grad, atol=2e-3, rtol=2e-3, what=f"grad {n} {case}")
+        check_close(c.fi.embedding.weight.grad, c.emb.weight.grad, atol=2e-3, rtol=2e-3,
+                    what=f"grad embedding {case}")
+        fns = {base: c.train_step(c.torch_padded, tparams)}
+        if not c.full:
+            fns["torch_packed"] = c.train_step(c.torch_packed, tparams)
+        fns["fi-ext"] = c.train_step(c.fi_run, fparams)
+        for name, stats in measure_interleaved(fns, **heavy).items():
+            trn.add(case, name, stats)
+        for be in args.fallbacks:
+            c.fi.lstm.backend = be
+            trn.add(case, f"fi-{be}", measure(c.train_step(c.fi_run, fparams), repeat=3, warmup=1, sync=sync))
+        c.fi.lstm.backend = None
 
 
 def bench_latency(args, sweep):
@@ -222,11 +227,21 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="add torch.compile providers (slow to compile)")
     ap.add_argument("--fallbacks", default="", help="comma list of extra backends to time: numba,triton")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+    ap.add_argument("--lengths-file", default=None,
+                    help="per-user event counts, one per line, instead of reading ../shared/data (GPU machine)")
     args = ap.parse_args(argv)
+    global LENGTHS_FILE
+    LENGTHS_FILE = args.lengths_file
     args.fallbacks = [b for b in args.fallbacks.split(",") if b]
     setup_threads(args.threads)
     if args.device == "cuda":
+        import torch
+
         os.environ.pop("TRITON_INTERPRET", None)
+        # cuDNN's LSTM uses TF32 tensor cores by default; ours computes in full float32, so compare
+        # like with like (and the correctness checks before timing hold at float32 tolerances)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     sweeps = {"inference": Sweep("embedding_lstm_inference", baseline="cudnn" if args.device == "cuda" else "torch",
                                  device=args.device),
               "training": Sweep("embedding_lstm_training", baseline="cudnn" if args.device == "cuda" else "torch",
