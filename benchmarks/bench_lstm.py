@@ -229,7 +229,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
     ap.add_argument("--lengths-file", default=None,
                     help="per-user event counts, one per line, instead of reading ../shared/data (GPU machine)")
+    ap.add_argument("--write-lengths", default=None, metavar="FILE",
+                    help="write the per-user event counts from ../shared/data to FILE and exit (for --lengths-file)")
     args = ap.parse_args(argv)
+    if args.write_lengths:
+        Path(args.write_lengths).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_lengths).write_text("\n".join(map(str, taobao_lengths())) + "\n")
+        return
     global LENGTHS_FILE
     LENGTHS_FILE = args.lengths_file
     args.fallbacks = [b for b in args.fallbacks.split(",") if b]
