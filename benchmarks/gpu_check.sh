@@ -3,7 +3,7 @@
 # pybind11 are installed): builds the extension with CUDA, runs the GPU tests, the GPU benchmarks and
 # compute-sanitizer over every ext CUDA kernel, and writes logs and tables under $OUT (default ./gpu_out).
 #
-#   bash benchmarks/gpu_check.sh [STAGE ...]     STAGE: build tests bench sanitize (default: all four)
+#   bash benchmarks/gpu_check.sh [STAGE ...]     STAGE: build tests bench sanitize profile (default: all)
 #
 # The machine has no ../shared: the Taobao length mix for bench_lstm comes from
 # .gpu_carry/taobao_lengths.txt (per-user event counts; .gpu_carry is git-ignored and travels as a
@@ -18,7 +18,7 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
-stages=${*:-build tests bench sanitize}
+stages=${*:-build tests bench sanitize profile}
 has() { [[ " $stages " == *" $1 "* ]]; }
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 start=$(date +%s)
@@ -44,8 +44,8 @@ if has build; then
     mkdir -p /tmp/fi_prebuilt && cp python/fastinterest/_C_*.so /tmp/fi_prebuilt/
     tar -C /tmp/fi_prebuilt -czf "$OUT/prebuilt.tgz" . && log "built$targets in $(( $(date +%s) - start )) s"
   fi
-  python3 -m fastinterest.info > "$OUT/info.txt" 2>&1
-  head -30 "$OUT/info.txt"
+  python3 -m fastinterest.info > /tmp/fi_info.txt 2>&1   # $OUT holds at most 8 files: into the summary
+  head -30 /tmp/fi_info.txt | tee -a "$OUT/summary.txt"
 fi
 
 if has tests; then
@@ -75,5 +75,22 @@ if has sanitize; then
     > "$OUT/sanitize.log" 2>&1
   log "sanitize rc=$? : $(grep -c 'Invalid\|out of bounds' "$OUT/sanitize.log") errors reported"
   tail -15 "$OUT/sanitize.log"
+fi
+if has profile; then
+  log "profile (torch.profiler: kernel time against wall time per call; ncu on the fused LSTM kernel)"
+  timeout 90 python3 benchmarks/gpu_profile.py > "$OUT/profile.log" 2>&1
+  log "gpu_profile rc=$?"
+  grep -E "^## " "$OUT/profile.log"
+  timeout 90 ncu --clock-control none --kernel-name regex:fused_fwd --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy \
+    python3 -c "
+import sys; sys.path.insert(0, 'python')
+import torch, fastinterest.nn as fnn
+m = fnn.LSTM.from_torch(torch.nn.LSTM(64, 128, batch_first=True)).cuda()
+x = torch.randn(64, 50, 64, device='cuda')
+with torch.no_grad():
+    for _ in range(5): m(x, lengths=torch.full((64,), 50))
+torch.cuda.synchronize()" >> "$OUT/profile.log" 2>&1
+  log "ncu rc=$?"
 fi
 log "done in $(( $(date +%s) - start )) s"
