@@ -85,3 +85,42 @@ def test_out_of_range_index_raises_on_gpu():
     m = fnn.EmbeddingBag(10, 64, mode="sum", device="cuda")
     with pytest.raises(IndexError, match="position 1"):
         m(torch.tensor([0, 10], device="cuda"), torch.tensor([0], device="cuda"))
+
+
+# ---------------------------------------------------------------- torch.library on the GPU
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_opcheck_on_gpu(mode):
+    from fastinterest.backends.reference_embedding import OPT_ROWWISE_ADAGRAD
+    from fastinterest.ops import embedding as E
+
+    torch.manual_seed(0)
+    idx = torch.tensor([1, 4, 4, 7, 19, 0, 3], device="cuda")
+    off = torch.tensor([0, 3, 3, 7], device="cuda")
+    for b in gpu_backends():
+        w = torch.randn(20, 8, device="cuda", requires_grad=True)
+        psw = torch.rand(idx.numel(), device="cuda", requires_grad=True) if mode == 0 else None
+        torch.library.opcheck(E.embedding_bag_op, (w, idx, off, psw, mode, -1, -1, b, E.OPT_DENSE, [], None, None,
+                                                   None, True))
+        go = torch.randn(3, 8, device="cuda")
+        maxpos = torch.empty(0, dtype=torch.long, device="cuda")
+        wd = w.detach()
+        torch.library.opcheck(E.embedding_bag_backward_op, (go, wd, idx, off, None, maxpos, 1, -1, b, True))
+        torch.library.opcheck(E.embedding_bag_backward_fused_op,
+                              (go, wd.clone(), idx, off, None, maxpos, 0, -1, OPT_ROWWISE_ADAGRAD, [0.1, 1e-8],
+                               torch.zeros(20, device="cuda"), None, None, b, True),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_on_gpu():
+    torch.manual_seed(0)
+    eager = fnn.EmbeddingBag(50, 16, mode="mean", device="cuda")
+    compiled_model = fnn.EmbeddingBag(50, 16, mode="mean", device="cuda")
+    compiled_model.load_state_dict(eager.state_dict())
+    idx = torch.randint(0, 50, (12,), device="cuda")
+    off = torch.tensor([0, 4, 9], device="cuda")
+    compiled = torch.compile(compiled_model, fullgraph=True)   # inductor: the GPU path users take
+    a, b = eager(idx, off), compiled(idx, off)
+    torch.testing.assert_close(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(compiled_model.weight.grad, eager.weight.grad)

@@ -110,3 +110,31 @@ def test_cuda_embedding_lstm_and_step():
         for t in range(9):
             y, state = m.step([ids[0][:, t], ids[1][:, t]], state)
         torch.testing.assert_close(y, out[:, -1], **TOL[torch.float32])
+
+
+def test_cuda_opcheck_and_compile():
+    from fastinterest.ops import lstm as lstm_ops
+
+    torch.manual_seed(9)
+    dev = "cuda"
+    B, T, E, H = 3, 4, 5, 8
+    for backend in _backends(torch.float32):
+        weights = [torch.randn(4 * H, E, device=dev) * 0.3, torch.randn(4 * H, H, device=dev) * 0.3,
+                   torch.randn(4 * H, device=dev) * 0.1, torch.randn(4 * H, device=dev) * 0.1]
+        x = torch.randn(B, T, E, device=dev)
+        lengths = torch.tensor([4, 1, 3])
+        h0, c0 = torch.randn(1, B, H, device=dev), torch.randn(1, B, H, device=dev)
+        args = (x.requires_grad_(), lengths, h0, c0, [w.requires_grad_() for w in weights], True, 1, False, True,
+                0.0, True, True, backend)
+        torch.library.opcheck(lstm_ops.lstm_forward_op, args)
+    m = LSTM(6, 8, batch_first=True).to(dev)
+    x = torch.randn(3, 4, 6, device=dev)
+    lengths = torch.tensor([4, 2, 3])
+
+    def f(x, lengths):
+        o, (h, c) = m(x, lengths=lengths)
+        return o.sum() + h.sum() + c.sum()
+
+    got = torch.compile(f, fullgraph=True)(x, lengths)
+    torch.testing.assert_close(got, f(x, lengths))
+    got.backward()
