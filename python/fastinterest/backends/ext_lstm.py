@@ -21,6 +21,8 @@ the top with dropout, the dropout mask [M, dirs*H].
 """
 from __future__ import annotations
 
+import threading
+
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -176,6 +178,29 @@ class Plan(NamedTuple):
                 self.B, self.T)
 
 
+_tls = threading.local()
+
+
+def device_plan(plan: Plan, device) -> tuple:
+    """(lengths, perm, batch_sizes, offsets, pack_index) of `plan` on `device`: one pinned, asynchronous
+    copy per plan, shared by every layer and direction of a call (per thread). A copy from pageable
+    memory synchronises the stream first: the five separate copies per layer and direction this replaces
+    each drained the GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return plan.lengths, plan.perm, plan.batch_sizes, plan.offsets, plan.pack_index
+    hit = getattr(_tls, "plan", None)
+    if hit is not None and hit[0] is plan and hit[1] == device:
+        return hit[2]
+    host = torch.cat([plan.lengths, plan.perm, plan.batch_sizes, plan.offsets, plan.pack_index])
+    moved = host.pin_memory().to(device, non_blocking=True)
+    sizes = [plan.lengths.numel(), plan.perm.numel(), plan.batch_sizes.numel(), plan.offsets.numel(),
+             plan.pack_index.numel()]
+    parts = tuple(moved.split(sizes))
+    _tls.plan = (plan, device, parts)
+    return parts
+
+
 def _has_ext_plan() -> bool:
     return _ext.cpu_reason() is None and hasattr(_ext.cpu(), "lstm_plan")
 
@@ -281,7 +306,7 @@ class CudaKernel:
 
     @staticmethod
     def _plan_args(plan: Plan, device):
-        dev = [t.to(device, non_blocking=True) for t in (plan.lengths, plan.perm, plan.batch_sizes, plan.offsets)]
+        dev = device_plan(plan, device)[:4]
         args = dict(lengths=dev[0].data_ptr(), perm=dev[1].data_ptr(), batch_sizes=dev[2].data_ptr(),
                     offsets=dev[3].data_ptr(), B=plan.B, maxlen=plan.maxlen,
                     n0=int(plan.batch_sizes[0]) if plan.maxlen > 0 else 0,
@@ -431,7 +456,7 @@ def packed_forward(kernel, x: Tensor, lengths: Tensor, h0: Optional[Tensor], c0:
         return out, h_n, c_n, (ws if need_ws else [])
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
-    pidx = plan.pack_index.to(x.device, non_blocking=True)
+    pidx = device_plan(plan, x.device)[4]
     fused_in = getattr(kernel, "fused_input", False)
     layer_in = _bf(x, batch_first) if fused_in else x.reshape(M, E).index_select(0, pidx)
     for layer in range(num_layers):
@@ -491,7 +516,7 @@ def packed_backward(kernel, grad_out: Tensor, grad_hn: Optional[Tensor], grad_cn
     c0 = c0.contiguous() if c0 is not None else None
     grad_hn = grad_hn.contiguous() if grad_hn is not None else None
     grad_cn = grad_cn.contiguous() if grad_cn is not None else None
-    pidx = plan.pack_index.to(x.device, non_blocking=True)
+    pidx = device_plan(plan, x.device)[4]
     go_packed = None
     if grad_out is not None:
         grad_out = grad_out.contiguous()

@@ -235,7 +235,8 @@ def _blocks(B: int, H: int, device):
 def _dev_plan(plan, device):
     if device.type == "cpu":
         return plan.perm, plan.lengths, plan.batch_sizes, plan.offsets
-    return (plan.perm.to(device), plan.lengths.to(device), plan.batch_sizes.to(device), plan.offsets.to(device))
+    lengths, perm, bs, off, _ = _drv.device_plan(plan, device)
+    return perm, lengths, bs, off
 
 
 class TritonKernel:
