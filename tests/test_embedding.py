@@ -459,3 +459,41 @@ def test_fused_update_small_and_large_tables(backend, V):
         out.append((m.weight.detach(), m.optim_momentum))
     assert_close(out[0][0], out[1][0])
     assert_close(out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_indices_after_the_last_offset_are_refused(backend):
+    """include_last_offset=True with offsets[-1] < N would leave the tail in no bag (torch's backward gives
+    those rows uninitialised gradients; one backend here crashed on it): a clear error instead."""
+    m = fnn.EmbeddingBag(10, 3, mode="sum", include_last_offset=True, backend=backend)
+    idx = torch.tensor([1, 2, 3, 7, 8])
+    with pytest.raises(ValueError, match="offsets end at 3 but there are 5 indices"):
+        m(idx, torch.tensor([0, 2, 3]))
+    with pytest.raises(ValueError, match="offsets end at 0 but there are 5 indices"):
+        m(idx, torch.tensor([0]))
+    psw = torch.rand(5, requires_grad=True)
+    with pytest.raises(ValueError, match="offsets end at"):
+        m(idx, torch.tensor([0, 2, 3]), per_sample_weights=psw)
+    out = m(idx, torch.tensor([0, 2, 5]))   # ending at N is the normal case
+    out.sum().backward()
+    assert m.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_strided_weight(backend):
+    """A column slice of a bigger table: the kernels get a contiguous copy and the gradient flows back to
+    the slice; a fused optimizer, which updates in place, refuses it."""
+    big = torch.randn(20, 9, requires_grad=True)
+    w = big[:, 2:6]
+    idx = torch.tensor([1, 4, 4, 7, 19, 0])
+    off = torch.tensor([0, 2, 6])
+    out = embedding_bag(w, idx, off, mode="sum", backend=backend)
+    ref_big = big.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.embedding_bag(idx, ref_big[:, 2:6], off, mode="sum")
+    assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert_close(big.grad, ref_big.grad)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        embedding_bag(w.detach(), idx, off, mode="sum", backend=backend,
+                                     fused=(fopt.FusedSGD(0.1), {}))

@@ -260,8 +260,10 @@ bool bag_forward(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N,
   constexpr int64_t PF = 8;  // rows prefetched ahead: covers DRAM latency at ~10 GB/s per core
   const int nt = threads_for(N, nthreads);
   bool bad = false;
-  // offsets must start at 0; indices after the last bag are not read but must still be valid
+  // offsets must start at 0 and end at N (indices after the last bag would get no bag: refused by the
+  // caller); such indices are not read but must still be valid, so that the precise error names them
   if (off && B >= 0 && static_cast<int64_t>(off[0]) != 0) bad = true;
+  if (off && B >= 0 && static_cast<int64_t>(off[B]) != N) bad = true;
   const int64_t tail = off ? std::max<int64_t>(0, std::min<int64_t>(static_cast<int64_t>(off[B]), N)) : N;
   for (int64_t j = off ? tail : N; j < N; ++j) {
     const int64_t r = static_cast<int64_t>(idx[j]);

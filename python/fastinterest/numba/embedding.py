@@ -205,12 +205,13 @@ def _sum_block(typingctx, w, idx, j0, j1, skip, psw, has_psw, scale, out, b, c0,
 # and the op runs its Python checks for the precise error. No row outside the table is ever read.
 @njit(cache=True)
 def _bad_outside_bags(idx, off, has_off, B, V):
-    """The checks that belong to no bag: offsets start at 0; the indices after the last bag are valid."""
+    """The checks that belong to no bag: offsets start at 0 and end at N; indices after the last bag
+    (refused) are still checked, so that the precise error can name them."""
     if not has_off:
         return 0
     N = idx.shape[0]
     bad = 0
-    if off[0] != 0:
+    if off[0] != 0 or off[B] != N:
         bad = 1
     for j in range(min(max(off[B], 0), N), N):
         r = idx[j]

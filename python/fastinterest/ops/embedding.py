@@ -55,8 +55,11 @@ def _check_offsets(offsets: Optional[Tensor], n: int) -> None:
         pos = int((steps < 0).nonzero()[0, 0]) + 1
         raise ValueError(f"fastinterest embedding_bag: offsets must be non-decreasing; offsets[{pos}]="
                          f"{int(off[pos])} < offsets[{pos - 1}]={int(off[pos - 1])}")
-    if int(off[-1]) > n:
-        raise ValueError(f"fastinterest embedding_bag: offsets end at {int(off[-1])} but there are only {n} indices")
+    if int(off[-1]) != n:
+        # below n, the indices after the last offset would belong to no bag: torch's forward skips them but its
+        # backward hands them uninitialised gradients, so that input is refused rather than half-supported
+        raise ValueError(f"fastinterest embedding_bag: offsets end at {int(off[-1])} but there are {n} indices; "
+                         "with include_last_offset=True the last offset must equal the number of indices")
 
 
 def _input_is_valid(V: int, indices: Tensor, offsets: Optional[Tensor]) -> bool:
@@ -69,7 +72,7 @@ def _input_is_valid(V: int, indices: Tensor, offsets: Optional[Tensor]) -> bool:
         lo, hi = torch.aminmax(indices)
         flags += [lo < 0, hi >= V]
     if offsets is not None and offsets.numel():
-        flags += [offsets[0] != 0, offsets[-1] > n]
+        flags += [offsets[0] != 0, offsets[-1] != n]
         if offsets.numel() > 1:
             flags.append((offsets[1:] < offsets[:-1]).any())
     return not flags or not bool(torch.stack(flags).any())
@@ -219,6 +222,18 @@ def _check_weight(weight: Tensor) -> None:
         raise TypeError(f"fastinterest embedding: weight must be floating point, got {weight.dtype}")
 
 
+def _contiguous_weight(weight: Tensor, fused) -> Tensor:
+    """The kernels address rows as weight + row * D: a strided weight (a column slice, a transpose) is
+    copied for them (autograd carries the gradient back to it), unless a fused optimizer must update it
+    in place."""
+    if weight.is_contiguous():
+        return weight
+    if fused is not None:
+        raise ValueError("fastinterest embedding: a fused optimizer updates the weight in place, so it must be "
+                         f"contiguous (got strides {weight.stride()} for shape {tuple(weight.shape)})")
+    return weight.contiguous()
+
+
 def _fused_args(fused, device):
     """(opt code, hyper-parameters, s1, s2, step) from `fused` = (FusedOptimizer, state dict) or None."""
     if fused is None:
@@ -241,6 +256,7 @@ def embedding_bag(weight: Tensor, input: Tensor, offsets: Optional[Tensor] = Non
     deterministic: CUDA only; False selects the faster atomic backward.
     """
     _check_weight(weight)
+    weight = _contiguous_weight(weight, fused)
     _check_index_tensor("input", input)
     if mode not in MODES:
         raise ValueError(f"fastinterest embedding_bag: mode must be 'sum', 'mean' or 'max', got {mode!r}")
@@ -301,6 +317,7 @@ def embedding(weight: Tensor, input: Tensor, padding_idx: Optional[int] = None, 
     The padding row is returned as stored and receives no gradient, as in torch.
     """
     _check_weight(weight)
+    weight = _contiguous_weight(weight, fused)
     _check_index_tensor("input", input)
     if input.device != weight.device:
         raise ValueError(f"fastinterest embedding: input is on {input.device} but weight is on {weight.device}")
