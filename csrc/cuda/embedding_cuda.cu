@@ -248,7 +248,8 @@ __global__ void segment_update_kernel(const A* __restrict__ go, W* __restrict__ 
                                       const int32_t* __restrict__ seg, const int32_t* __restrict__ nseg_p, int64_t N,
                                       const int32_t* __restrict__ bag_of, const A* __restrict__ bag_scale,
                                       const A* __restrict__ psw, const int64_t* __restrict__ maxpos, A* s1, A* s2,
-                                      int64_t* out_rows, A* out_vals, A* dense, UpdateParams p) {
+                                      int64_t* out_rows, A* out_vals, A* dense, const int64_t* step,
+                                      UpdateParams p) {
   const int lane = threadIdx.x % kWarp;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int32_t nseg = *nseg_p;
@@ -257,10 +258,18 @@ __global__ void segment_update_kernel(const A* __restrict__ go, W* __restrict__ 
   const int64_t end = (u + 1 < nseg) ? seg[u + 1] : N;
   const int64_t r = keys[start];
   if (r >= V) return;  // the skipped positions' segment (always last)
-  const A h0 = static_cast<A>(p.h0), h1 = static_cast<A>(p.h1), h2 = static_cast<A>(p.h2),
-          h3 = static_cast<A>(p.h3);
-  for (int64_t c0 = 0; c0 < D; c0 += kWarp * kMaxColsPerLane) {
-    A g[kMaxColsPerLane];
+  A h0 = static_cast<A>(p.h0);
+  const A h1 = static_cast<A>(p.h1), h2 = static_cast<A>(p.h2), h3 = static_cast<A>(p.h3);
+  if (p.opt == kOptAdam) {
+    // bias-corrected step size from the device step counter (advanced by adam_step_kernel just before):
+    // no host round trip. h0 carries the learning rate, h1/h2 the betas.
+    const double t = static_cast<double>(*step);
+    h0 = static_cast<A>(p.h0 * sqrt(1.0 - pow(p.h2, t)) / (1.0 - pow(p.h1, t)));
+  }
+  constexpr int64_t kChunk = kWarp * kMaxColsPerLane;
+  // this row's gradient over columns [c0, c0 + kChunk), summed over its occurrences in position order;
+  // zero in the columns past D
+  auto accumulate = [&](int64_t c0, A (&g)[kMaxColsPerLane]) {
 #pragma unroll
     for (int k = 0; k < kMaxColsPerLane; ++k) g[k] = A(0);
     for (int64_t i = start; i < end; ++i) {
@@ -278,19 +287,25 @@ __global__ void segment_update_kernel(const A* __restrict__ go, W* __restrict__ 
         }
       }
     }
-    A row_scale = A(0);
-    if (p.opt == kOptRowWise) {
-      // mean of g^2 over the whole row; rows wider than one chunk need the earlier chunks too, so
-      // the row-wise path requires D <= 256 (checked on the host)
-      A sq = A(0);
+  };
+  A g[kMaxColsPerLane];
+  A row_scale = A(0);
+  if (p.opt == kOptRowWise) {
+    // mean of g^2 over the whole row first (every chunk), then the update
+    A sq = A(0);
+    for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
+      accumulate(c0, g);
 #pragma unroll
       for (int k = 0; k < kMaxColsPerLane; ++k) sq += g[k] * g[k];
-      for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-      A acc_new = s1[r] + sq / static_cast<A>(D);
-      __syncwarp();
-      if (lane == 0) s1[r] = acc_new;
-      row_scale = (-h0) / (sqrt(acc_new) + h1);
     }
+    for (int o = kWarp / 2; o > 0; o /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    A acc_new = s1[r] + sq / static_cast<A>(D);
+    __syncwarp();
+    if (lane == 0) s1[r] = acc_new;
+    row_scale = (-h0) / (sqrt(acc_new) + h1);
+  }
+  for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
+    if (!(p.opt == kOptRowWise && D <= kChunk)) accumulate(c0, g);  // one chunk: g still holds it
 #pragma unroll
     for (int k = 0; k < kMaxColsPerLane; ++k) {
       const int64_t d = c0 + lane + static_cast<int64_t>(k) * kWarp;
@@ -327,6 +342,10 @@ __global__ void segment_update_kernel(const A* __restrict__ go, W* __restrict__ 
   }
   if (p.opt == kOptSparse && lane == 0) out_rows[u] = r;
 }
+
+// Adam's step counter lives on the device and is advanced here, on the stream, before the update
+// kernel reads it (no host synchronisation; capturable in a CUDA graph).
+__global__ void adam_step_kernel(int64_t* step) { *step += 1; }
 
 __global__ void count_unique_kernel(const uint32_t* keys, const int32_t* seg, const int32_t* nseg_p, int64_t V,
                                     int64_t* num_unique) {
@@ -488,26 +507,17 @@ void backward(std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_
               bool deterministic, std::uintptr_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   hp.resize(4, 0.0);
-  if (opt == kOptRowWise && D > kWarp * kMaxColsPerLane)
-    throw std::invalid_argument("fastinterest CUDA embedding: row-wise Adagrad supports D <= 256");
-  if (opt == kOptAdam) {
-    // the step counter lives on the device; the host keeps a mirror through a synchronous copy
-    int64_t t = 0;
-    check_cuda(cudaMemcpyAsync(&t, reinterpret_cast<void*>(step), 8, cudaMemcpyDeviceToHost, stream), "step read");
-    check_cuda(cudaStreamSynchronize(stream), "step read");
-    ++t;
-    check_cuda(cudaMemcpyAsync(reinterpret_cast<void*>(step), &t, 8, cudaMemcpyHostToDevice, stream), "step write");
-    check_cuda(cudaStreamSynchronize(stream), "step write");
-    const double bc1 = 1.0 - std::pow(hp[1], static_cast<double>(t));
-    const double bc2 = 1.0 - std::pow(hp[2], static_cast<double>(t));
-    hp[0] = hp[0] * std::sqrt(bc2) / bc1;
-  }
+  if (opt == kOptAdam && !step) throw std::invalid_argument("fastinterest CUDA embedding: Adam needs its step counter");
   with_weight(wdtype, [&](auto w0, auto a0) {
     using W = decltype(w0);
     using A = decltype(a0);
     Workspace ws = carve(reinterpret_cast<uint8_t*>(workspace), N, B, V, sizeof(A));
     if (ws.total > workspace_bytes) throw std::invalid_argument("fastinterest CUDA embedding: workspace too small");
     if (N == 0) {
+      if (opt == kOptAdam) {  // the step still counts, as torch.optim.SparseAdam's
+        adam_step_kernel<<<1, 1, 0, stream>>>(reinterpret_cast<int64_t*>(step));
+        FI_CHECK_LAUNCH("adam_step_kernel");
+      }
       if (num_unique) check_cuda(cudaMemsetAsync(reinterpret_cast<void*>(num_unique), 0, 8, stream), "memset");
       return;
     }
@@ -518,9 +528,11 @@ void backward(std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_
         using O = I;
         const I* ip = reinterpret_cast<const I*>(idx);
         const O* op = reinterpret_cast<const O*>(off);
-        bag_of_kernel<I, O, A><<<blocks_for(B, 256), 256, 0, stream>>>(ip, op, B, skip_idx, mode, ws.bag_of,
-                                                                      reinterpret_cast<A*>(ws.scale));
-        FI_CHECK_LAUNCH("bag_of_kernel");
+        if (B > 0) {  // (a zero-block grid is a launch error)
+          bag_of_kernel<I, O, A><<<blocks_for(B, 256), 256, 0, stream>>>(ip, op, B, skip_idx, mode, ws.bag_of,
+                                                                        reinterpret_cast<A*>(ws.scale));
+          FI_CHECK_LAUNCH("bag_of_kernel");
+        }
         const bool atomic_ok = !deterministic && (opt == kOptDense || (opt == kOptSGD && sizeof(W) == sizeof(A)));
         if (atomic_ok) {
           const bool into_weight = opt == kOptSGD;
@@ -546,12 +558,17 @@ void backward(std::uintptr_t grad_out, std::uintptr_t weight, int wdtype, int64_
         check_cuda(cub::DeviceSelect::Flagged(ws.temp, tb, ws.vals_in, ws.flags, ws.seg, ws.nseg,
                                               static_cast<int>(N), stream),
                    "cub Select");
+        if (opt == kOptAdam) {
+          adam_step_kernel<<<1, 1, 0, stream>>>(reinterpret_cast<int64_t*>(step));
+          FI_CHECK_LAUNCH("adam_step_kernel");
+        }
         UpdateParams p{opt, mode, hp[0], hp[1], hp[2], hp[3]};
         segment_update_kernel<W, A><<<blocks_for(N, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
             reinterpret_cast<const A*>(grad_out), reinterpret_cast<W*>(weight), V, D, ws.keys_out, ws.vals_out,
             ws.seg, ws.nseg, N, ws.bag_of, reinterpret_cast<const A*>(ws.scale), reinterpret_cast<const A*>(psw),
             reinterpret_cast<const int64_t*>(maxpos), reinterpret_cast<A*>(s1), reinterpret_cast<A*>(s2),
-            reinterpret_cast<int64_t*>(out_rows), reinterpret_cast<A*>(out_vals), reinterpret_cast<A*>(dense), p);
+            reinterpret_cast<int64_t*>(out_rows), reinterpret_cast<A*>(out_vals), reinterpret_cast<A*>(dense),
+            reinterpret_cast<const int64_t*>(step), p);
         FI_CHECK_LAUNCH("segment_update_kernel");
         if (num_unique) {
           count_unique_kernel<<<1, 1, 0, stream>>>(ws.keys_out, ws.seg, ws.nseg, V,

@@ -499,9 +499,13 @@ bool forward_call(const py::dict& a) {
     dim3 grid(static_cast<unsigned>((q.H + UNITS - 1) / UNITS), static_cast<unsigned>(groups));
     void* args[] = {&q, &rows_per_group};
     py::gil_scoped_release nogil;
-    check_cuda(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_fwd<T>), grid, dim3(THREADS), args, smem,
-                                           stream),
-               "lstm fused_fwd (cooperative launch)");
+    const cudaError_t launched = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_fwd<T>), grid, dim3(THREADS),
+                                                             args, smem, stream);
+    if (launched == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the device reports (MPS, partitions)
+      (void)cudaGetLastError();
+      return false;  // nothing ran: the caller takes the alternating path
+    }
+    check_cuda(launched, "lstm fused_fwd (cooperative launch)");
     FI_CHECK_LAUNCH("lstm fused_fwd");
     return true;
   }
@@ -552,9 +556,13 @@ bool backward_call(const py::dict& a) {
     if (!dg2) throw std::invalid_argument("fastinterest lstm (cuda): the fused backward needs state_dg2 [B, 4H]");
     void* args[] = {&q, &rows_per_group, &dh0_from, &dg2};
     py::gil_scoped_release nogil;
-    check_cuda(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_bwd<T>), grid, dim3(THREADS), args, smem,
-                                           stream),
-               "lstm fused_bwd (cooperative launch)");
+    const cudaError_t launched = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_bwd<T>), grid, dim3(THREADS),
+                                                             args, smem, stream);
+    if (launched == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the device reports (MPS, partitions)
+      (void)cudaGetLastError();
+      return false;  // nothing ran: the caller takes the alternating path
+    }
+    check_cuda(launched, "lstm fused_bwd (cooperative launch)");
     FI_CHECK_LAUNCH("lstm fused_bwd");
     return true;
   }

@@ -5,6 +5,8 @@ passes raw addresses; the kernels never allocate device memory. Contract: see re
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _ext
@@ -49,7 +51,24 @@ class BadInput(Exception):
     """The CPU kernel met an out-of-range index or offset (it read no memory outside the table)."""
 
 
+def _on(device: torch.device):
+    """The CUDA kernels launch on the current device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(weight, indices, offsets, psw, mode, skip_idx):
+    with _on(weight.device):
+        return _forward(weight, indices, offsets, psw, mode, skip_idx)
+
+
+def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
+             deterministic: bool = True):
+    with _on(weight.device):
+        return _backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
+                         deterministic)
+
+
+def _forward(weight, indices, offsets, psw, mode, skip_idx):
     offsets = _cuda_offsets(indices, offsets)
     V, D = weight.shape
     B = indices.numel() if offsets is None else offsets.numel() - 1
@@ -67,8 +86,8 @@ def forward(weight, indices, offsets, psw, mode, skip_idx):
     return out, maxpos
 
 
-def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
-             deterministic: bool = True):
+def _backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
+              deterministic: bool = True):
     offsets = _cuda_offsets(indices, offsets)
     V, D = weight.shape
     B = grad_out.shape[0]

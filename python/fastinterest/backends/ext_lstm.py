@@ -313,8 +313,19 @@ class CudaKernel:
                     stream=torch.cuda.current_stream(device).cuda_stream)
         return args, dev
 
-    def forward(self, plan: Plan, H: int, reverse: bool, xproj: Tensor, whh: Tensor, h0, c0, out: Tensor,
-                zero_padding: bool, gates_ws, c_ws, h_n, c_n, whh_packed: Optional[Tensor] = None):
+    # The kernels launch on the current device: make it the tensors' device (a model on cuda:1 while
+    # cuda:0 is current would otherwise launch into another device's stream).
+    def forward(self, plan: Plan, H: int, reverse: bool, xproj: Tensor, *args, **kwargs):
+        with torch.cuda.device(xproj.device):
+            return self._forward(plan, H, reverse, xproj, *args, **kwargs)
+
+    def backward(self, plan: Plan, H: int, reverse: bool, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out: Tensor,
+                 *args):
+        with torch.cuda.device(out.device):
+            return self._backward(plan, H, reverse, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, *args)
+
+    def _forward(self, plan: Plan, H: int, reverse: bool, xproj: Tensor, whh: Tensor, h0, c0, out: Tensor,
+                 zero_padding: bool, gates_ws, c_ws, h_n, c_n, whh_packed: Optional[Tensor] = None):
         dev = xproj.device
         acc = torch.float64 if xproj.dtype == torch.float64 else torch.float32
         B = plan.B
@@ -340,8 +351,8 @@ class CudaKernel:
         self.m.lstm_forward(code, args)
         del keep
 
-    def backward(self, plan: Plan, H: int, reverse: bool, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, h0, c0,
-                 whh: Tensor, dgates, hprev, dh0, dc0):
+    def _backward(self, plan: Plan, H: int, reverse: bool, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, h0, c0,
+                  whh: Tensor, dgates, hprev, dh0, dc0):
         dev = dgates.device
         acc = torch.float64 if dgates.dtype == torch.float64 else torch.float32
         B = plan.B
