@@ -124,3 +124,26 @@ def test_torch_compile_fullgraph_on_gpu():
     a.sum().backward()
     b.sum().backward()
     torch.testing.assert_close(compiled_model.weight.grad, eager.weight.grad)
+
+
+@pytest.mark.parametrize("name", ["rowwise", "adam"])
+def test_fused_optimizers_wide_rows(name):
+    """D = 300 spans two 256-column chunks of the update kernel (row-wise Adagrad's mean square must
+    cover the whole row); several steps check Adam's device-side step counter."""
+    V, D = 200, 300
+    make = {"rowwise": lambda: fopt.FusedRowWiseAdagrad(0.1), "adam": lambda: fopt.FusedAdam(0.01)}[name]
+    w = torch.randn(V, D)
+    cpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w, fused_optimizer=make(), backend="ext")
+    gpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w, fused_optimizer=make(), backend="ext", device="cuda")
+    for step in range(4):
+        idx, off = case(V, seed=10 + step)
+        g = torch.randn(off.numel(), D)
+        cpu(idx, off).backward(g)
+        gpu(idx.cuda(), off.cuda()).backward(g.cuda())
+    torch.testing.assert_close(gpu.weight.detach().cpu(), cpu.weight.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_indices_after_the_last_offset_raise_on_gpu():
+    m = fnn.EmbeddingBag(10, 8, mode="sum", include_last_offset=True, device="cuda")
+    with pytest.raises(ValueError, match="offsets end at 3 but there are 5 indices"):
+        m(torch.tensor([1, 2, 3, 7, 8], device="cuda"), torch.tensor([0, 2, 3], device="cuda"))
