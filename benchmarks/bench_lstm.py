@@ -154,7 +154,7 @@ def bench_embedding_lstm(args, sweeps):
                 comp = torch.compile(lambda: c.torch_padded(False))
                 comp()
                 inf.add(case, "torch_compile", measure(comp, **heavy))
-            for be in args.fallbacks:
+            for be in (args.fallbacks if B == 256 else ()):   # the fallbacks at one batch size
                 c.fi.lstm.backend = be
                 inf.add(case, f"fi-{be}", measure(lambda: c.fi_run(False), repeat=3, warmup=1, sync=sync))
             c.fi.lstm.backend = None
@@ -177,10 +177,13 @@ def bench_embedding_lstm(args, sweeps):
         fns["fi-ext"] = c.train_step(c.fi_run, fparams)
         for name, stats in measure_interleaved(fns, **heavy).items():
             trn.add(case, name, stats)
-        for be in args.fallbacks:
+        for be in (args.fallbacks if B == 256 else ()):
             c.fi.lstm.backend = be
             trn.add(case, f"fi-{be}", measure(c.train_step(c.fi_run, fparams), repeat=3, warmup=1, sync=sync))
         c.fi.lstm.backend = None
+        if args.out_each:   # after every case: a run stopped by a time limit keeps what it measured
+            for sw in (inf, trn):
+                sw.write(Path(args.out_each), command="(partial)")
 
 
 def bench_latency(args, sweep):
@@ -232,6 +235,7 @@ def main(argv=None):
     ap.add_argument("--write-lengths", default=None, metavar="FILE",
                     help="write the per-user event counts from ../shared/data to FILE and exit (for --lengths-file)")
     args = ap.parse_args(argv)
+    args.out_each = args.out if args.device == "cuda" else None
     if args.write_lengths:
         Path(args.write_lengths).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_lengths).write_text("\n".join(map(str, taobao_lengths())) + "\n")
@@ -254,6 +258,8 @@ def main(argv=None):
                                 device=args.device)}
     lat = Sweep("lstm_latency", baseline="cudnn" if args.device == "cuda" else "torch", device=args.device)
     bench_latency(args, lat)
+    if args.out_each:
+        lat.write(Path(args.out_each), command="(partial)")
     bench_embedding_lstm(args, sweeps)
     cmd = "python benchmarks/bench_lstm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for s in (lat, *sweeps.values()):

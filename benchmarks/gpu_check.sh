@@ -3,13 +3,15 @@
 # pybind11 are installed): builds the extension with CUDA, runs the GPU tests, the GPU benchmarks and
 # compute-sanitizer over every ext CUDA kernel, and writes logs and tables under $OUT (default ./gpu_out).
 #
-#   bash benchmarks/gpu_check.sh [STAGE ...]     STAGE: build tests bench sanitize profile (default: all)
+#   bash benchmarks/gpu_check.sh [STAGE ...]     STAGE: build tests sanitize bench profile (default: all,
+#                                                in this order: the most telling first)
 #
 # The machine has no ../shared: the Taobao length mix for bench_lstm comes from
 # .gpu_carry/taobao_lengths.txt (per-user event counts; .gpu_carry is git-ignored and travels as a
 # `carry` path). Before the device call, here:
 #   python benchmarks/bench_lstm.py --write-lengths .gpu_carry/taobao_lengths.txt
-# then run this script there with carry [".gpu_carry"]. The whole check took 136 s on an H200.
+# then run this script there with carry [".gpu_carry"] and timeout_s 560 (stage caps add up to ~600 s; the
+# first run, cut short by a crash, took 136 s).
 # Modules found in .gpu_carry/prebuilt/ (returned by an earlier run as prebuilt.tgz) are used as they
 # are; the others are built with the same CMakeLists.txt that pip uses, for sm_90 only (H100/H200).
 set -uo pipefail
@@ -18,7 +20,7 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
-stages=${*:-build tests bench sanitize profile}
+stages=${*:-build tests sanitize bench profile}
 has() { [[ " $stages " == *" $1 "* ]]; }
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/summary.txt"; }
 start=$(date +%s)
@@ -50,38 +52,39 @@ fi
 
 if has tests; then
   log "GPU tests"
-  timeout 170 python3 -m pytest -q -rfE --tb=short --timeout 120 -n 3 -p no:cacheprovider \
+  timeout 150 python3 -m pytest -q -rfE --tb=short --timeout 120 -n 3 -p no:cacheprovider \
     tests/test_embedding_cuda.py tests/test_lstm_cuda.py > "$OUT/tests.log" 2>&1
   log "tests rc=$? : $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
 fi
 
+if has sanitize; then
+  log "compute-sanitizer memcheck"
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py \
+    > "$OUT/sanitize.log" 2>&1
+  log "sanitize rc=$? : $(grep -c 'Invalid\|out of bounds' "$OUT/sanitize.log") errors reported"
+  tail -15 "$OUT/sanitize.log"
+fi
+
 if has bench; then
   log "GPU benchmarks"
   mkdir -p "$OUT/results"
-  timeout 90 python3 benchmarks/bench_embedding.py --device cuda --no-sweep --out "$OUT/results" \
+  timeout 80 python3 benchmarks/bench_embedding.py --device cuda --no-sweep --out "$OUT/results" \
     > "$OUT/bench.log" 2>&1
   log "bench_embedding rc=$?"
-  timeout 120 python3 benchmarks/bench_lstm.py --device cuda --fallbacks triton \
+  timeout 150 python3 benchmarks/bench_lstm.py --device cuda --fallbacks triton \
     --lengths-file .gpu_carry/taobao_lengths.txt --out "$OUT/results" >> "$OUT/bench.log" 2>&1
   log "bench_lstm rc=$?"
   grep -E "^\|" "$OUT/bench.log" | head -80
   tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$OUT/results"
 fi
 
-if has sanitize; then
-  log "compute-sanitizer memcheck"
-  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py \
-    > "$OUT/sanitize.log" 2>&1
-  log "sanitize rc=$? : $(grep -c 'Invalid\|out of bounds' "$OUT/sanitize.log") errors reported"
-  tail -15 "$OUT/sanitize.log"
-fi
 if has profile; then
   log "profile (torch.profiler: kernel time against wall time per call; ncu on the fused LSTM kernel)"
-  timeout 90 python3 benchmarks/gpu_profile.py > "$OUT/profile.log" 2>&1
+  timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.log" 2>&1
   log "gpu_profile rc=$?"
   grep -E "^## " "$OUT/profile.log"
-  timeout 90 ncu --clock-control none --kernel-name regex:fused_fwd --launch-skip 3 --launch-count 1 \
+  timeout 60 ncu --clock-control none --kernel-name regex:fused_fwd --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section Occupancy \
     python3 -c "
 import sys; sys.path.insert(0, 'python')
