@@ -12,8 +12,8 @@
 #   python benchmarks/bench_lstm.py --write-lengths .gpu_carry/taobao_lengths.txt
 # then run this script there with carry [".gpu_carry"] and timeout_s 560 (stage caps add up to ~600 s; the
 # first run, cut short by a crash, took 136 s).
-# Modules found in .gpu_carry/prebuilt/ (returned by an earlier run as prebuilt.tgz) are used as they
-# are; the others are built with the same CMakeLists.txt that pip uses, for sm_90 only (H100/H200).
+# Modules found in .gpu_carry/prebuilt/ (an earlier run's prebuilt.tgz, unpacked there) are used when
+# its stamp matches the current csrc/ and CMakeLists.txt; the others are built with the same CMakeLists.txt that pip uses, for sm_90 only (H100/H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,6 +30,9 @@ log "$(python3 -c 'import sys, torch, triton; print("python", sys.version.split(
 
 if has build; then
   targets=""
+  # a carried module is used only if it was built from these very sources (its stamp says which)
+  stamp=$(cat CMakeLists.txt $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+  [ "$(cat .gpu_carry/prebuilt/stamp 2>/dev/null)" = "$stamp" ] || rm -f .gpu_carry/prebuilt/*.so
   for m in _C_cpu _C_cuda; do
     if ls .gpu_carry/prebuilt/$m.*.so >/dev/null 2>&1; then
       cp .gpu_carry/prebuilt/$m.*.so python/fastinterest/ && log "$m: carried prebuilt"
@@ -43,7 +46,7 @@ if has build; then
         -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" &&
       ninja -C $B $targets; } > "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
     for m in $targets; do cp $B/$m.*.so python/fastinterest/; done
-    mkdir -p /tmp/fi_prebuilt && cp python/fastinterest/_C_*.so /tmp/fi_prebuilt/
+    mkdir -p /tmp/fi_prebuilt && cp python/fastinterest/_C_*.so /tmp/fi_prebuilt/ && echo "$stamp" > /tmp/fi_prebuilt/stamp
     tar -C /tmp/fi_prebuilt -czf "$OUT/prebuilt.tgz" . && log "built$targets in $(( $(date +%s) - start )) s"
   fi
   python3 -m fastinterest.info > /tmp/fi_info.txt 2>&1   # $OUT holds at most 8 files: into the summary
