@@ -35,11 +35,14 @@ def first_bad_index(indices: torch.Tensor, num_rows: int) -> int:
     return _ext.cpu().first_bad_index(indices.data_ptr(), DTYPE_CODE[indices.dtype], indices.numel(), num_rows)
 
 
-def _cuda_offsets(indices, offsets):
-    # the CUDA kernels take offsets of the indices' dtype (halves their instantiations)
-    if offsets is not None and indices.is_cuda and offsets.dtype != indices.dtype:
-        return offsets.to(indices.dtype)
-    return offsets
+def _cuda_index_pair(indices, offsets):
+    """The CUDA kernels take offsets of the indices' dtype (halves their instantiations): int32 offsets
+    for int32 indices, unless the positions could overflow int32 (N >= 2^31), then both in int64."""
+    if offsets is None or not indices.is_cuda or offsets.dtype == indices.dtype:
+        return indices, offsets
+    if indices.dtype == torch.int32 and indices.numel() >= 2**31:
+        return indices.long(), offsets.long()
+    return indices, offsets.to(indices.dtype)
 
 
 # The CPU kernel validates indices and offsets as it reads them (no separate pass): the op skips its
@@ -69,7 +72,7 @@ def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, op
 
 
 def _forward(weight, indices, offsets, psw, mode, skip_idx):
-    offsets = _cuda_offsets(indices, offsets)
+    indices, offsets = _cuda_index_pair(indices, offsets)
     V, D = weight.shape
     B = indices.numel() if offsets is None else offsets.numel() - 1
     acc = acc_dtype(weight.dtype)
@@ -88,7 +91,7 @@ def _forward(weight, indices, offsets, psw, mode, skip_idx):
 
 def _backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, opt, hp, s1, s2, step,
               deterministic: bool = True):
-    offsets = _cuda_offsets(indices, offsets)
+    indices, offsets = _cuda_index_pair(indices, offsets)
     V, D = weight.shape
     B = grad_out.shape[0]
     N = indices.numel()
