@@ -341,7 +341,8 @@ class LSTM(nn.Module):
             from ..backends import ext_lstm
 
             return ext_lstm.step(x_t, tables, ids, h, c, self._serving(), self.hidden_size)
-        # Any backend / autograd: the cell in torch (same maths as the kernels).
+        # Any backend / autograd: the cell in torch (same maths as the kernels). torch.lstm_cell is
+        # nn.LSTMCell's op: on a GPU two GEMMs and one fused pointwise kernel instead of ~10 launches.
         weights = self._flat_weights
         H = self.hidden_size
         per = 4 if self.bias else 2
@@ -351,13 +352,12 @@ class LSTM(nn.Module):
             w_ih, w_hh = weights[layer * per], weights[layer * per + 1]
             if layer == 0 and tables is not None:
                 gates = sum(t[i] for t, i in zip(tables, ids)) + h[layer] @ w_hh.t()
+                i, f, g, o = gates.split(H, 1)
+                c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+                h_new = torch.sigmoid(o) * torch.tanh(c_new)
             else:
-                gates = inp @ w_ih.t() + h[layer] @ w_hh.t()
-                if self.bias:
-                    gates = gates + weights[layer * per + 2] + weights[layer * per + 3]
-            i, f, g, o = gates.split(H, 1)
-            c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                b_ih, b_hh = (weights[layer * per + 2], weights[layer * per + 3]) if self.bias else (None, None)
+                h_new, c_new = torch.lstm_cell(inp, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
             hs.append(h_new)
             cs.append(c_new)
             inp = h_new
