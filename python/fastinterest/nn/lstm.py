@@ -463,6 +463,19 @@ class EmbeddingLSTM(nn.Module):
         return lst
 
     def _check_ids_range(self, ids: List[Tensor], lengths: Optional[Tensor]):
+        # every field's check in one device read (on a GPU each bool() is a synchronisation)
+        bads = []
+        for t, emb in zip(ids, self.embeddings):
+            if t.numel() == 0:
+                continue
+            bad = (t < 0) | (t >= emb.num_embeddings)
+            if lengths is not None:
+                T = t.shape[1] if self.batch_first else t.shape[0]
+                valid = torch.arange(T, device=t.device).unsqueeze(0) < lengths.to(t.device).unsqueeze(1)
+                bad = bad & (valid if self.batch_first else valid.t())
+            bads.append(bad.any())
+        if not bads or not bool(torch.stack(bads).any()):
+            return
         for f, (t, emb) in enumerate(zip(ids, self.embeddings)):
             V = emb.num_embeddings
             if t.numel() == 0:
