@@ -589,14 +589,4 @@ def test_triton_chunked_recurrence(monkeypatch, bidirectional):
     lengths = torch.randint(0, T + 1, (B,))
     dirs = 2 if bidirectional else 1
     hx = (torch.randn(2 * dirs, B, H), torch.randn(2 * dirs, B, H))
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ro, (rh, rc) = _torch_reference(ref, x1, lengths, hx, True)
-    o, (h, c) = m(x2, hx, lengths=lengths)
-    _close(o, ro.detach(), torch.float32, "output")
-    _close(h, rh.detach(), torch.float32, "h_n")
-    _close(c, rc.detach(), torch.float32, "c_n")
-    _loss(ro, rh, rc).backward()
-    _loss(o, h, c).backward()
-    _close(x2.grad, x1.grad, torch.float32, "grad input", grad=True)
-    for (name, p_ref), p in zip(ref.named_parameters(), m.parameters()):
-        _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
+    _check_train_and_infer(m, ref, x, lengths, hx, True)

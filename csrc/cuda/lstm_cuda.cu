@@ -420,6 +420,19 @@ int64_t fused_row_groups(K kernel, size_t smem, int64_t H, int64_t n0) {
   return groups < 1 ? 1 : groups;
 }
 
+// Launches a fused kernel; false (nothing ran, the caller takes the alternating path) when the device
+// refuses the grid as too large to be co-resident (fewer SMs than it reports: MPS, partitions).
+inline bool cooperative_launch(void* kernel, dim3 grid, void** args, size_t smem, cudaStream_t stream,
+                               const char* name) {
+  const cudaError_t launched = cudaLaunchCooperativeKernel(kernel, grid, dim3(THREADS), args, smem, stream);
+  if (launched == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  check_cuda(launched, name);
+  return true;
+}
+
 template <typename T>
 FwdP<T> fwd_params(const py::dict& a) {
   FwdP<T> q{};
@@ -499,13 +512,8 @@ bool forward_call(const py::dict& a) {
     dim3 grid(static_cast<unsigned>((q.H + UNITS - 1) / UNITS), static_cast<unsigned>(groups));
     void* args[] = {&q, &rows_per_group};
     py::gil_scoped_release nogil;
-    const cudaError_t launched = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_fwd<T>), grid, dim3(THREADS),
-                                                             args, smem, stream);
-    if (launched == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the device reports (MPS, partitions)
-      (void)cudaGetLastError();
-      return false;  // nothing ran: the caller takes the alternating path
-    }
-    check_cuda(launched, "lstm fused_fwd (cooperative launch)");
+    if (!cooperative_launch(reinterpret_cast<void*>(fused_fwd<T>), grid, args, smem, stream, "lstm fused_fwd"))
+      return false;
     FI_CHECK_LAUNCH("lstm fused_fwd");
     return true;
   }
@@ -556,13 +564,8 @@ bool backward_call(const py::dict& a) {
     if (!dg2) throw std::invalid_argument("fastinterest lstm (cuda): the fused backward needs state_dg2 [B, 4H]");
     void* args[] = {&q, &rows_per_group, &dh0_from, &dg2};
     py::gil_scoped_release nogil;
-    const cudaError_t launched = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(fused_bwd<T>), grid, dim3(THREADS),
-                                                             args, smem, stream);
-    if (launched == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than the device reports (MPS, partitions)
-      (void)cudaGetLastError();
-      return false;  // nothing ran: the caller takes the alternating path
-    }
-    check_cuda(launched, "lstm fused_bwd (cooperative launch)");
+    if (!cooperative_launch(reinterpret_cast<void*>(fused_bwd<T>), grid, args, smem, stream, "lstm fused_bwd"))
+      return false;
     FI_CHECK_LAUNCH("lstm fused_bwd");
     return true;
   }
