@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/gpu_sanitize.py
 
 Embedding-bag: each mode, int32/int64 indices, per-sample weights, padding_idx, the dense, sparse and
-fused-optimizer backwards, deterministic and atomic. LSTM: the fused persistent kernel (H <= 256) and
+fused-optimizer backwards, deterministic and atomic, row widths for every variant of the sum kernel. LSTM: the fused persistent kernel (H <= 256) and
 the alternating GEMM + pointwise path (H > 256), bidirectional, two layers, zero lengths, float32 and
 bfloat16, forward and backward; EmbeddingLSTM projected-table inference and step(). Exits non-zero on
 any Python error; the sanitizer reports memory errors itself.
@@ -39,6 +39,11 @@ for mode in ("sum", "mean", "max"):
 for wd in (torch.float16, torch.bfloat16):
     m = fnn.EmbeddingBag(V, 300, mode="sum", backend="ext", device=dev, weight_dtype=wd)
     m(idx, off).sum().backward()
+for Dw in (16, 64, 100, 256, 300):   # the sum kernel's 1, 2, 4, 8 columns per lane, and the general kernel
+    for fused in (fopt.FusedRowWiseAdagrad(0.1), fopt.FusedAdam(0.01)):   # row-wise over several chunks at 300
+        m = fnn.EmbeddingBag(V, Dw, mode="mean", backend="ext", device=dev, fused_optimizer=fused)
+        for _ in range(2):
+            m(idx, off).sum().backward()
 dev == "cuda" and torch.cuda.synchronize()
 print("embedding: ok")
 
