@@ -160,7 +160,18 @@ def bench_train(sweep, V, D, B, L, dist, device, optimizer, lr=0.01):
 
     torch_step()
     expect = ref.weight.detach().clone()
-    sweep.add(case, "torch", measure(torch_step, sync=sync, repeat=7, warmup=1))
+    # the least bytes a fused step must move (the "% of HBM bandwidth" for backward + update is
+    # read against these): gathered rows, the upstream gradient, each touched row and its optimizer
+    # state read and written once
+    U = int(torch.unique(idx).numel())
+    state = {"sgd": 0, "adagrad": D, "rowwise_adagrad": 1, "adam": 2 * D}[optimizer]
+    nbytes = 4 * (B * L * D + B * D + 2 * U * (D + state))
+
+    def gbps(st):   # GPU rows only (the CPU tables keep their columns)
+        return {} if device == "cpu" else {"GBps": nbytes / 1e6 / st["median_ms"]}
+
+    st = measure(torch_step, sync=sync, repeat=7, warmup=1)
+    sweep.add(case, "torch", st, **gbps(st))
     for b, name in fi_backends(device):
         mod = fnn.EmbeddingBag(V, D, mode="sum", _weight=w0.clone(), backend=b, device=device,
                                fused_optimizer=make_fused(lr))
@@ -172,7 +183,8 @@ def bench_train(sweep, V, D, B, L, dist, device, optimizer, lr=0.01):
         if optimizer != "rowwise_adagrad":
             check_close(mod.weight.detach(), expect, atol=1e-4, rtol=1e-4, what=f"{name} {optimizer} first step")
         assert mod.weight.grad is None
-        sweep.add(case, name, measure(fi_step, sync=sync, repeat=7, warmup=1))
+        st = measure(fi_step, sync=sync, repeat=7, warmup=1)
+        sweep.add(case, name, st, **gbps(st))
         del mod
     if device == "cpu" and optimizer in ("sgd", "rowwise_adagrad"):
         tbe = fbgemm_tbe(V, D, w0, optimizer, lr)
