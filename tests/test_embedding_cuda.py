@@ -54,15 +54,16 @@ def test_fused_optimizers_match_cpu(name, deterministic):
     make = {"sgd": lambda: fopt.FusedSGD(0.1), "adagrad": lambda: fopt.FusedAdagrad(0.1),
             "rowwise": lambda: fopt.FusedRowWiseAdagrad(0.1), "adam": lambda: fopt.FusedAdam(0.01)}[name]
     w = torch.randn(V, D)
-    cpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w, fused_optimizer=make(), backend="ext")
     for b in gpu_backends():
-        gpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w, fused_optimizer=make(), backend=b, device="cuda",
-                               deterministic=deterministic)
+        # each module on its own copy: _weight is used as the parameter itself (as torch does), and a fused
+        # optimizer updates it in place
+        cpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w.clone(), fused_optimizer=make(), backend="ext")
+        gpu = fnn.EmbeddingBag(V, D, mode="mean", _weight=w.clone(), fused_optimizer=make(), backend=b,
+                               device="cuda", deterministic=deterministic)
         for step in range(3):
             idx, off = case(V, seed=step)
             g = torch.randn(off.numel(), D)
-            if b == gpu_backends()[0]:
-                cpu(idx, off).backward(g)
+            cpu(idx, off).backward(g)
             gpu(idx.cuda(), off.cuda()).backward(g.cuda())
         torch.testing.assert_close(gpu.weight.detach().cpu(), cpu.weight.detach(), atol=1e-4, rtol=1e-4)
 
@@ -133,8 +134,8 @@ def test_fused_optimizers_wide_rows(name):
     V, D = 200, 300
     make = {"rowwise": lambda: fopt.FusedRowWiseAdagrad(0.1), "adam": lambda: fopt.FusedAdam(0.01)}[name]
     w = torch.randn(V, D)
-    cpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w, fused_optimizer=make(), backend="ext")
-    gpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w, fused_optimizer=make(), backend="ext", device="cuda")
+    cpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w.clone(), fused_optimizer=make(), backend="ext")
+    gpu = fnn.EmbeddingBag(V, D, mode="sum", _weight=w.clone(), fused_optimizer=make(), backend="ext", device="cuda")
     for step in range(4):
         idx, off = case(V, seed=10 + step)
         g = torch.randn(off.numel(), D)

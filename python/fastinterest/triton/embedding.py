@@ -79,11 +79,6 @@ def backward(grad_out, weight, indices, offsets, psw, maxpos, mode, skip_idx, op
     if U:
         BLOCK_D = triton.next_power_of_2(D)
         BLOCK_U = _blocks(U, dev, max(1, 4096 // BLOCK_D))
-        if BLOCK_U == BLOCK_D and dev.type == "cuda":
-            # Triton 3.6 on sm_90 fails to compile this kernel when the row and column ranges have the
-            # same length ("'tt.load' op failed to verify that mask type matches ptr type" in the layout
-            # pass; seen on an H200 with D = 64): a different row block avoids it
-            BLOCK_U //= 2
         max_seg = int(counts.max())
         dummy = grad_out
         bag_backward_kernel[(triton.cdiv(U, BLOCK_U),)](

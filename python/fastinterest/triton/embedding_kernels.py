@@ -50,7 +50,10 @@ def bag_forward_kernel(w_ptr, idx_ptr, off_ptr, psw_ptr, out_ptr, maxpos_ptr, B,
     tl.store(out_ptr + optr, acc, mask=omask)
 
 
-@triton.jit
+# D is not specialised: Triton 3.6 on sm_90 fails to compile this kernel when it knows D is a multiple of
+# 16 ("'tt.load' op failed to verify that mask type matches ptr type" in its layout pass; H200, D = 64,
+# for row and column blocks of 32, 64 and 128 alike), while D = 123 and D = 300 compile and pass.
+@triton.jit(do_not_specialize=["D"])
 def bag_backward_kernel(go_ptr, w_ptr, seg_ptr, spos_ptr, bag_ptr, scale_ptr, maxpos_ptr, rows_ptr,
                         vals_ptr, dense_ptr, s1_ptr, s2_ptr, U, D, max_seg, h0, h1, h2, h3,
                         MODE: tl.constexpr, OPT: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
