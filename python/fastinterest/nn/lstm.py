@@ -213,8 +213,12 @@ class LSTM(nn.Module):
             return self._infer_ext(x, None, lengths, h0, c0)
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64)
-        res = F.lstm_forward_op(x, lengths, h0, c0, weights, self.bias, self.num_layers, self.bidirectional,
-                                self.batch_first, self.dropout, self.training, bool(grad), backend)
+        # Inference outside torch.compile: the op's function without the custom op's dispatch (autograd
+        # wrapper, redispatch): ~0.28 ms per call on the 2-core CPU, the bulk of the 0.4-0.7 ms of host work
+        # per call measured on an H200 (benchmarks/results/nvidia-h200/gpu_profile_2026-11-28.txt).
+        op = F.lstm_forward if not grad and not _compiling() else F.lstm_forward_op
+        res = op(x, lengths, h0, c0, weights, self.bias, self.num_layers, self.bidirectional, self.batch_first,
+                 self.dropout, self.training, bool(grad), backend)
         return res[0], (res[1], res[2])
 
     def _forward_packed(self, ps: PackedSequence, hx):

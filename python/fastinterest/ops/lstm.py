@@ -90,16 +90,25 @@ def _dims(x: Tensor, batch_first: bool):
 
 
 # ---------------------------------------------------------------- forward op
-@torch.library.custom_op("fastinterest::lstm_forward", mutates_args=())
-def lstm_forward_op(x: Tensor, lengths: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: List[Tensor],
-                    has_bias: bool, num_layers: int, bidirectional: bool, batch_first: bool, dropout: float,
-                    training: bool, need_ws: bool, backend: str) -> List[Tensor]:
+def lstm_forward(x: Tensor, lengths: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: List[Tensor],
+                 has_bias: bool, num_layers: int, bidirectional: bool, batch_first: bool, dropout: float,
+                 training: bool, need_ws: bool, backend: str) -> List[Tensor]:
+    """The forward op's function. Called directly (without the custom op's dispatch) for inference outside
+    torch.compile, where no gradient can flow: see nn.LSTM._run."""
     B, T = _dims(x, batch_first)
     lengths = _lengths_cpu(lengths)
     check_lengths_values(lengths, T)
     out, h_n, c_n, ws = _impl(backend).forward(x, lengths, h0, c0, list(weights), has_bias, num_layers,
                                                bidirectional, batch_first, dropout, training, need_ws)
     return [out, h_n, c_n, *ws]
+
+
+@torch.library.custom_op("fastinterest::lstm_forward", mutates_args=())
+def lstm_forward_op(x: Tensor, lengths: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: List[Tensor],
+                    has_bias: bool, num_layers: int, bidirectional: bool, batch_first: bool, dropout: float,
+                    training: bool, need_ws: bool, backend: str) -> List[Tensor]:
+    return lstm_forward(x, lengths, h0, c0, weights, has_bias, num_layers, bidirectional, batch_first, dropout,
+                        training, need_ws, backend)
 
 
 @lstm_forward_op.register_fake
