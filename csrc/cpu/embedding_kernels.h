@@ -122,40 +122,35 @@ inline __m256 load8(const bf16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-// Columns [c0, c0 + 8 NV) of one bag's sum. The per-sample weights (PSW) and, for the common widths, the
-// row stride (DS = D; 0 = known only at run time) are template parameters: with them the loop body is
-// the same handful of instructions as a hand-written kernel for that shape. The earlier form, with
-// runtime psw / stride branches and a per-bag dispatch, benchmarked at 0.86x (uniform) / 0.79x (Zipf)
-// torch's JIT-generated kernel on the headline case; this one at parity (bench_embedding.py).
-// Each index is validated as it is read (an invalid one sets `bad` and its row is never touched). The
-// row PF positions ahead is prefetched (rows are random in memory); its index is not validated yet, so
-// an out-of-range one is prefetched as row 0 instead: the address arithmetic stays inside the table.
-template <int NV, bool PSW, int DS, typename W, typename I>
-inline int64_t sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int64_t c0, const I* __restrict idx,
-                         int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip,
-                         float* __restrict out, bool& bad) {
-  constexpr int64_t PF = 12;
+// Columns [c0, c0 + 8 NV) of one bag's sum. The per-sample weights (PSW), whether a padding row is to be
+// skipped (SKIP) and, for the common widths, the row stride (DS = D; 0 = known only at run time) are
+// template parameters: with them the loop body is the same handful of instructions as a hand-written
+// kernel for that shape. The earlier form, with runtime psw / stride branches and a per-bag dispatch,
+// benchmarked at 0.86x (uniform) / 0.79x (Zipf) torch's JIT-generated kernel on the headline case.
+// The bag's indices are valid here (sum_bag checked them); the row PF positions ahead is prefetched (rows
+// are random in memory) and its index, in a later bag, is not checked yet, so an out-of-range one is
+// prefetched as row 0 instead: the address arithmetic stays inside the table.
+template <int NV, bool PSW, bool SKIP, int DS, typename W, typename I>
+inline void sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int64_t c0, const I* __restrict idx,
+                      int64_t start, int64_t end, int64_t N, const float* __restrict psw, int64_t skip,
+                      float* __restrict out) {
+  // Rows in flight: 12 of 4 lines (float rows of 64) or 16 of 2 (half rows) measured best here.
+  constexpr int64_t PF = sizeof(W) >= 4 ? 12 : 16;
   constexpr int64_t lines = (NV * 8 * static_cast<int64_t>(sizeof(W)) + 63) / 64;
   const int64_t D = DS ? DS : Drt;
   __m256 acc[NV];
 #pragma GCC unroll 8
   for (int k = 0; k < NV; ++k) acc[k] = _mm256_setzero_ps();
-  int64_t count = 0;
-  bool badrow = false;
   for (int64_t j = start; j < end; ++j) {
     const int64_t pj = j + PF < N ? j + PF : j;
-    const int64_t rp = static_cast<uint64_t>(idx[pj]) < static_cast<uint64_t>(V) ? static_cast<int64_t>(idx[pj]) : 0;
+    const uint64_t q = static_cast<uint64_t>(idx[pj]);
+    const int64_t rp = q < static_cast<uint64_t>(V) ? static_cast<int64_t>(q) : 0;
     const char* p = reinterpret_cast<const char*>(weight + rp * D + c0);
-    const int64_t r = static_cast<int64_t>(idx[j]);
-    if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {  // validated here, never read
-      badrow = true;
-      continue;
-    }
-    if (r == skip) continue;
-    ++count;
-    const W* row = weight + r * D + c0;
 #pragma GCC unroll 8
     for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 1);
+    const int64_t r = static_cast<int64_t>(idx[j]);
+    if (SKIP && r == skip) continue;
+    const W* row = weight + r * D + c0;
     if constexpr (PSW) {
       const __m256 s = _mm256_set1_ps(psw[j]);
 #pragma GCC unroll 8
@@ -165,41 +160,55 @@ inline int64_t sum_block(const W* __restrict weight, int64_t V, int64_t Drt, int
       for (int k = 0; k < NV; ++k) acc[k] = _mm256_add_ps(acc[k], load8(row + 8 * k));
     }
   }
-  if (badrow) bad = true;
 #pragma GCC unroll 8
   for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + c0 + 8 * k, acc[k]);
-  return count;
 }
 
 // One bag, all D columns (blocks of 64, then one block of the remaining multiple of 8, then a scalar
 // tail); mean divides by the number of rows summed (padding_idx excluded). With DS > 0 the block
-// structure is resolved at compile time.
+// structure is resolved at compile time. Returns false, touching no row, when an index of the bag is
+// outside [0, V). The check is one branch-free pass over the bag's indices before any row is read:
+// checking each index inside the row loop (a branch per row, as this kernel first did) cost ~8% of the
+// half-precision forward (bench: 1.55x -> 1.65x+ torch's float32 time with the pass).
 template <int DS, bool PSW, typename W, typename I>
-inline void sum_bag(const W* weight, int64_t V, int64_t Drt, const I* idx, int64_t start, int64_t end, int64_t N,
-                    const float* psw, int64_t skip, bool mean, float* out, bool& bad) {
+inline bool sum_bag(const W* weight, int64_t V, int64_t Drt, const I* idx, int64_t start, int64_t end, int64_t N,
+                    const float* psw, int64_t skip, bool mean, float* out) {
   const int64_t D = DS ? DS : Drt;
-  int64_t count = 0, c0 = 0;
-  for (; c0 + 64 <= D; c0 += 64)
-    count = sum_block<8, PSW, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out, bad);
-  switch ((D - c0) / 8) {
+  uint64_t invalid = 0;
+  int64_t skipped = 0;
+  for (int64_t j = start; j < end; ++j) {
+    const uint64_t r = static_cast<uint64_t>(static_cast<int64_t>(idx[j]));
+    invalid |= static_cast<uint64_t>(r >= static_cast<uint64_t>(V));
+    skipped += static_cast<int64_t>(static_cast<int64_t>(r) == skip);
+  }
+  if (invalid) return false;
+  const int64_t count = end - start - skipped;
+  int64_t c0 = 0;
+  if (skipped) {  // padding rows in this bag (skip >= 0): the loop with the per-row test
+    for (; c0 + 64 <= D; c0 += 64) sum_block<8, PSW, true, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out);
+    switch ((D - c0) / 8) {
 #define FI_SUM_TAIL(nv) \
-  case nv: count = sum_block<nv, PSW, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out, bad); break;
-    FI_SUM_TAIL(7) FI_SUM_TAIL(6) FI_SUM_TAIL(5) FI_SUM_TAIL(4) FI_SUM_TAIL(3) FI_SUM_TAIL(2) FI_SUM_TAIL(1)
+  case nv: sum_block<nv, PSW, true, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out); break;
+      FI_SUM_TAIL(7) FI_SUM_TAIL(6) FI_SUM_TAIL(5) FI_SUM_TAIL(4) FI_SUM_TAIL(3) FI_SUM_TAIL(2) FI_SUM_TAIL(1)
 #undef FI_SUM_TAIL
-    default: break;
+      default: break;
+    }
+  } else {
+    for (; c0 + 64 <= D; c0 += 64) sum_block<8, PSW, false, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out);
+    switch ((D - c0) / 8) {
+#define FI_SUM_TAIL(nv) \
+  case nv: sum_block<nv, PSW, false, DS>(weight, V, D, c0, idx, start, end, N, psw, skip, out); break;
+      FI_SUM_TAIL(7) FI_SUM_TAIL(6) FI_SUM_TAIL(5) FI_SUM_TAIL(4) FI_SUM_TAIL(3) FI_SUM_TAIL(2) FI_SUM_TAIL(1)
+#undef FI_SUM_TAIL
+      default: break;
+    }
   }
   c0 += (D - c0) / 8 * 8;
   if ((DS == 0 || DS % 8 != 0) && c0 < D) {  // the last D % 8 columns
-    count = 0;
     for (int64_t d = c0; d < D; ++d) out[d] = 0.0f;
     for (int64_t j = start; j < end; ++j) {
       const int64_t r = static_cast<int64_t>(idx[j]);
-      if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(V)) {
-        bad = true;
-        continue;
-      }
       if (r == skip) continue;
-      ++count;
       const float s = PSW ? psw[j] : 1.0f;
       for (int64_t d = c0; d < D; ++d) out[d] += s * load<W, float>(weight + r * D + d);
     }
@@ -208,6 +217,7 @@ inline void sum_bag(const W* weight, int64_t V, int64_t Drt, const I* idx, int64
     const float inv = 1.0f / static_cast<float>(count);
     for (int64_t d = 0; d < D; ++d) out[d] *= inv;
   }
+  return true;
 }
 
 // The whole float sum/mean forward (every bag) for one (stride, psw) instantiation; same contract as
@@ -221,8 +231,8 @@ bool sum_bags(const W* weight, int64_t V, int64_t D, const I* idx, int64_t N, co
     const int64_t start = off ? static_cast<int64_t>(off[b]) : b;
     const int64_t end = off ? static_cast<int64_t>(off[b + 1]) : b + 1;
     float* o = out + b * D;
-    bool badrow = !(start >= 0 && start <= end && end <= N);
-    if (!badrow) sum_bag<DS, PSW>(weight, V, D, idx, start, end, N, psw, skip, mean, o, badrow);
+    const bool badrow = !(start >= 0 && start <= end && end <= N) ||
+                        !sum_bag<DS, PSW>(weight, V, D, idx, start, end, N, psw, skip, mean, o);
     if (badrow) {
       bad = true;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
