@@ -220,6 +220,9 @@ void forward_epilogue(FwdArgs<T>& a, const T* cS, int64_t ldst);
 //   static constexpr int MR;                  // max rows per tile
 //   static void fwd_tile(const FwdArgs<T>&, const TileRows<T>&, int mr, int64_t jb,
 //                        const T* hprev, T* hnext, T* cstate, int64_t ldst);
+// Row tiles per W_hh panel read in the forward recurrence (see forward_driver).
+constexpr int kTileGroup = 8;
+
 template <class P, typename T>
 void forward_driver(FwdArgs<T>& a) {
   Plan& pl = *a.plan;
@@ -246,26 +249,46 @@ void forward_driver(FwdArgs<T>& a) {
   int nthreads = 1;
   if (row_split) nthreads = a.nthreads;
   else if (n0 * H * 4 * H >= kUnitSplitMinMacs) nthreads = static_cast<int>(std::min<int64_t>(a.nthreads, nb));
-  // Projected-table input: each thread first gathers (and sums over fields) the 4H-wide table rows of
-  // its own positions for the step into gbuf, reading each 2 KB row once and sequentially, and
-  // prefetches the next step's rows; the tiles then read gbuf. Read directly by the tiles instead,
-  // each row was touched in ceil(H/8) scattered 128-byte pieces (nearly all DRAM misses).
+  // Projected-table input: each thread gathers (and sums over fields) the 4H-wide table rows of a
+  // group of its positions into gbuf, reading each 2 KB row once and sequentially, and the group's
+  // tiles then read gbuf. Read directly by the tiles instead, each row was touched in ceil(H/8)
+  // scattered 128-byte pieces (nearly all DRAM misses).
   const GateInput<T>& in = a.in;
   const bool gather = in.nfields > 0 && (row_split || nthreads == 1);
   a.gbuf = gather ? a.scratch + 3 * plane : nullptr;
   const int64_t H4 = 4 * H;
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(T)) * H4;
+  const int64_t row_lines = ceil_div(row_bytes, int64_t(64));
   parallel(nthreads, [&](int tid, int nthr) {
     T* hp = hA;
     T* hn = hB;
     const int64_t jb0 = row_split ? 0 : nb * tid / nthr, jb1 = row_split ? nb : nb * (tid + 1) / nthr;
     const int64_t kstep = row_split ? nthr : 1, k0 = row_split ? tid : 0;
+    const int64_t gstride = kTileGroup * kstep * P::MR;   // from one of this thread's groups to its next
+    // The table rows of this thread's next group (prefetched while the current group computes).
+    std::vector<const char*> next_rows;
+    if (gather) next_rows.reserve(static_cast<size_t>(kTileGroup * P::MR * in.nfields));
+    // Rows of the group starting at position g0 of step s (its tiles: g0, g0 + kstep MR, ...).
+    auto group_rows = [&](int64_t s, int64_t g0, auto&& fn) {
+      const int64_t n = pl.batch_sizes[s];
+      int64_t p0 = g0;
+      for (int i = 0; i < kTileGroup && p0 < n; ++i, p0 += kstep * P::MR)
+        for (int64_t p = p0; p < std::min<int64_t>(p0 + P::MR, n); ++p) fn(p);
+    };
     for (int64_t s = 0; s < pl.maxlen; ++s) {
       const int64_t n = pl.batch_sizes[s];
-      if (gather) {
-        const int64_t n1 = s + 1 < pl.maxlen ? pl.batch_sizes[s + 1] : 0;
-        for (int64_t p0 = k0 * P::MR; p0 < n; p0 += kstep * P::MR) {
-          const int64_t pe = std::min<int64_t>(p0 + P::MR, n);
-          for (int64_t p = p0; p < pe; ++p) {
+      // Groups of kTileGroup of this thread's row tiles outer, unit blocks in the middle, the group's
+      // tiles inner: a W_hh panel (H x 32) is read from L2 once per group and then from L1 by the
+      // group's other tiles, while the group's h and input rows (kTileGroup x MR rows) stay in L1.
+      // One tile per panel read (the earlier order) streamed W_hh from L2 for every MR rows: ~21 bytes
+      // of L2 traffic per cycle at H = 128, about what this core's L2 delivers, so the FMAs waited.
+      // (Unit blocks outer and all rows inner cycled the rows and states through L2 instead.)
+      for (int64_t g0 = k0 * P::MR; g0 < n; g0 += gstride) {
+        if (gather) {
+          // The group's table rows (summed over fields) into gbuf: ~kTileGroup MR rows of 4H, which
+          // stay in L1/L2 next to W_hh. (Gathering the whole step's rows at once, 2 KB per position,
+          // filled L2 and pushed W_hh out of it.)
+          group_rows(s, g0, [&](int64_t p) {
             const int64_t b = pl.perm[p], t = time_of(pl, s, p, a.reverse);
             T* dst = a.gbuf + p * H4;
             std::memcpy(dst, in.tables[0] + input_id(in, 0, b, t) * H4, sizeof(T) * H4);
@@ -273,31 +296,42 @@ void forward_driver(FwdArgs<T>& a) {
               const T* src = in.tables[f] + input_id(in, f, b, t) * H4;
               for (int64_t j = 0; j < H4; ++j) dst[j] += src[j];
             }
-            if (p < n1) {  // next step's rows of this position
-              const int64_t t1 = time_of(pl, s + 1, p, a.reverse);
-              for (int f = 0; f < in.nfields; ++f) {
-                const char* nx = reinterpret_cast<const char*>(in.tables[f] + input_id(in, f, b, t1) * H4);
-                for (int64_t c = 0; c < static_cast<int64_t>(sizeof(T)) * H4; c += 64) __builtin_prefetch(nx + c);
-              }
-            }
+          });
+          // The next group's rows (this step's, or the first group of the next step), prefetched a
+          // slice per unit block below: a whole group's compute ahead of their use.
+          next_rows.clear();
+          int64_t s2 = s, g2 = g0 + gstride;
+          if (g2 >= n) s2 = s + 1, g2 = k0 * P::MR;
+          if (s2 < pl.maxlen && g2 < pl.batch_sizes[s2])
+            group_rows(s2, g2, [&](int64_t p) {
+              const int64_t b = pl.perm[p], t = time_of(pl, s2, p, a.reverse);
+              for (int f = 0; f < in.nfields; ++f)
+                next_rows.push_back(reinterpret_cast<const char*>(in.tables[f] + input_id(in, f, b, t) * H4));
+            });
+        }
+        TileRows<T> tr[kTileGroup];
+        int mrs[kTileGroup];
+        int64_t p0s[kTileGroup];
+        int ntile = 0;
+        for (int64_t p0 = g0; ntile < kTileGroup && p0 < n; p0 += kstep * P::MR, ++ntile) {
+          const int mr = static_cast<int>(std::min<int64_t>(P::MR, n - p0));
+          mrs[ntile] = mr;
+          p0s[ntile] = p0;
+          for (int r = 0; r < mr; ++r) {
+            const int64_t p = p0 + r;
+            tr[ntile].p[r] = p;
+            tr[ntile].t[r] = time_of(pl, s, p, a.reverse);
+            tr[ntile].row[r] = pl.offsets[tr[ntile].t[r]] + p;
+            tr[ntile].b[r] = pl.perm[p];
           }
         }
-      }
-      // Row tiles outer, unit blocks inner: a tile's h rows and input rows stay in L1 while the W_hh
-      // panels stream from L2 (the other order cycled panels, state and input rows through L2 once
-      // per unit block and scaled poorly across cores).
-      for (int64_t p0 = k0 * P::MR; p0 < n; p0 += kstep * P::MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(P::MR, n - p0));
-        TileRows<T> tr;
-        for (int r = 0; r < mr; ++r) {
-          const int64_t p = p0 + r;
-          tr.p[r] = p;
-          tr.t[r] = time_of(pl, s, p, a.reverse);
-          tr.row[r] = pl.offsets[tr.t[r]] + p;
-          tr.b[r] = pl.perm[p];
+        const int64_t units = static_cast<int64_t>(next_rows.size()) * row_lines;   // lines to prefetch
+        for (int64_t jb = jb0; jb < jb1; ++jb) {
+          for (int64_t u = units * (jb - jb0) / (jb1 - jb0), ue = units * (jb - jb0 + 1) / (jb1 - jb0); u < ue; ++u)
+            __builtin_prefetch(next_rows[u / row_lines] + 64 * (u % row_lines));
+          for (int i = 0; i < ntile; ++i)
+            P::fwd_tile(a, tr[i], mrs[i], jb, hp + p0s[i] * ldst, hn + p0s[i] * ldst, cS + p0s[i] * ldst, ldst);
         }
-        for (int64_t jb = jb0; jb < jb1; ++jb)
-          P::fwd_tile(a, tr, mr, jb, hp + p0 * ldst, hn + p0 * ldst, cS + p0 * ldst, ldst);
       }
       std::swap(hp, hn);
       if (!row_split) barrier(nthr);
