@@ -436,6 +436,28 @@ def test_embedding_lstm_parity(backend, fields):
         _close(p.grad, p_ref.grad, torch.float32, f"grad {name}", grad=True)
 
 
+@pytest.mark.parametrize("fields,num_layers", [(1, 1), (2, 2)])
+def test_embedding_lstm_inference_many_sequences(fields, num_layers):
+    """Inference on a batch that spans several tile groups of both threads (the C++ forward walks the
+    positions in groups of tiles and reads or gathers their table rows a group at a time)."""
+    torch.manual_seed(16)
+    sizes = [300, 11][:fields]
+    E, H, B, T = 12, 24, 157, 23
+    embs = [torch.nn.Embedding(V, E) for V in sizes]
+    ref = torch.nn.LSTM(E, H, num_layers=num_layers, batch_first=True)
+    ids = [torch.randint(0, V, (B, T)) for V in sizes]
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[:40] = T
+    ro, (rh, rc) = _emb_reference(embs, ref, ids, lengths)
+    for backend in BACKENDS:
+        m = EmbeddingLSTM.from_torch(embs if fields > 1 else embs[0], ref, backend=backend)
+        with torch.inference_mode():
+            o, (h, c) = m(ids if fields > 1 else ids[0], lengths)
+        _close(o, ro.detach(), torch.float32, f"{backend} output")
+        _close(h, rh.detach(), torch.float32, f"{backend} h_n")
+        _close(c, rc.detach(), torch.float32, f"{backend} c_n")
+
+
 def test_embedding_lstm_cache_invalidation_and_step():
     torch.manual_seed(7)
     m = EmbeddingLSTM([30, 5], 8, 16, num_layers=2)

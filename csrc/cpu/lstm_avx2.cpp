@@ -182,7 +182,7 @@ inline void fwd_tile_mr(const FwdArgs<float>& a, const TileRows<float>& tr, int6
       if (in.bias)
         for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(in.bias + g * H + j0, full, m));
     } else if (a.gbuf) {
-      const float* grow = a.gbuf + tr.p[r] * 4 * H + j0;
+      const float* grow = tr.in[r] + j0;
       for (int g = 0; g < 4; ++g) acc[r][g] = _mm256_add_ps(acc[r][g], ld(grow + g * H, full, m));
     } else {
       for (int f = 0; f < in.nfields; ++f) {

@@ -72,7 +72,7 @@ struct GenericPolicy {
           for (int g = 0; g < 4; ++g)
             for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += in.bias[g * H + j0 + u];
       } else if (a.gbuf) {
-        const T* grow = a.gbuf + tr.p[r] * 4 * H;
+        const T* grow = tr.in[r];
         for (int g = 0; g < 4; ++g)
           for (int u = 0; u < nu; ++u) acc[r][g * 8 + u] += grow[g * H + j0 + u];
       } else {

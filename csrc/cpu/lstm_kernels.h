@@ -210,6 +210,7 @@ struct TileRows {
   int64_t row[8];
   int64_t b[8];
   int64_t t[8];
+  const T* in[8];   // forward with projected tables: the row's 4H gate input (a table row or gbuf's)
 };
 
 template <typename T>
@@ -288,15 +289,16 @@ void forward_driver(FwdArgs<T>& a) {
           // The group's table rows (summed over fields) into gbuf: ~kTileGroup MR rows of 4H, which
           // stay in L1/L2 next to W_hh. (Gathering the whole step's rows at once, 2 KB per position,
           // filled L2 and pushed W_hh out of it.)
-          group_rows(s, g0, [&](int64_t p) {
-            const int64_t b = pl.perm[p], t = time_of(pl, s, p, a.reverse);
-            T* dst = a.gbuf + p * H4;
-            std::memcpy(dst, in.tables[0] + input_id(in, 0, b, t) * H4, sizeof(T) * H4);
-            for (int f = 1; f < in.nfields; ++f) {
-              const T* src = in.tables[f] + input_id(in, f, b, t) * H4;
-              for (int64_t j = 0; j < H4; ++j) dst[j] += src[j];
-            }
-          });
+          if (in.nfields > 1)
+            group_rows(s, g0, [&](int64_t p) {
+              const int64_t b = pl.perm[p], t = time_of(pl, s, p, a.reverse);
+              T* dst = a.gbuf + p * H4;
+              std::memcpy(dst, in.tables[0] + input_id(in, 0, b, t) * H4, sizeof(T) * H4);
+              for (int f = 1; f < in.nfields; ++f) {
+                const T* src = in.tables[f] + input_id(in, f, b, t) * H4;
+                for (int64_t j = 0; j < H4; ++j) dst[j] += src[j];
+              }
+            });
           // The next group's rows (this step's, or the first group of the next step), prefetched a
           // slice per unit block below: a whole group's compute ahead of their use.
           next_rows.clear();
@@ -323,6 +325,10 @@ void forward_driver(FwdArgs<T>& a) {
             tr[ntile].t[r] = time_of(pl, s, p, a.reverse);
             tr[ntile].row[r] = pl.offsets[tr[ntile].t[r]] + p;
             tr[ntile].b[r] = pl.perm[p];
+            // one field: its table row itself (prefetched with the group before); several: their sum
+            tr[ntile].in[r] = !gather ? nullptr
+                              : in.nfields == 1 ? in.tables[0] + input_id(in, 0, tr[ntile].b[r], tr[ntile].t[r]) * H4
+                                                : a.gbuf + p * H4;
           }
         }
         const int64_t units = static_cast<int64_t>(next_rows.size()) * row_lines;   // lines to prefetch
