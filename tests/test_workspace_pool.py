@@ -97,3 +97,18 @@ def test_inference_outputs_stay_valid_while_held():
         del out1
         out3, _ = m(ids, lengths)
         assert torch.equal(out3, keep)
+
+
+def test_eviction_when_the_pool_is_full():
+    pool = ext_lstm.WorkspacePool(max_bytes=3 << 20, min_bytes=1 << 16)
+    a = pool.empty((1 << 18,), torch.float32)   # 1 MiB
+    b = pool.empty((3 << 17,), torch.float32)   # 1.5 MiB
+    a.fill_(1.0)
+    del b
+    c = pool.empty((1 << 19,), torch.float32)   # 2 MiB: b's buffer is too small, and a is alive, so
+    c.fill_(2.0)                                # b's is evicted to make room
+    assert bool((a == 1.0).all()) and bool((c == 2.0).all())
+    assert sum(buf.numel() for buf in pool.bufs) <= 3 << 20
+    d = pool.empty((1 << 19,), torch.float32)   # nothing free to evict: a plain tensor, still correct
+    d.fill_(3.0)
+    assert bool((c == 2.0).all()) and bool((a == 1.0).all())

@@ -142,7 +142,8 @@ class WorkspacePool:
                 if not free:
                     return torch.empty(shape, dtype=dtype)
                 victim = max(free, key=lambda b: b.numel())
-                self.bufs.remove(victim)
+                # by identity: list.remove compares with ==, elementwise for tensors (an error for others' shapes)
+                self.bufs = [b for b in self.bufs if b is not victim]
                 total -= victim.numel()
             # huge pages where the OS allows (a fresh 13 MB buffer took ~3300 page faults, ~10 ms of
             # system time, to first touch; as 2 MiB pages, 7)
