@@ -48,10 +48,17 @@ def test_a_dropped_buffer_is_reused_with_the_right_shape_and_dtype():
 
 
 @needs_ext
-def test_large_buffers_are_2mib_aligned():
+def test_large_buffers_are_2mib_aligned_and_reused():
     pool = _pool()
     t = pool.empty((4 << 20,), torch.float32)   # 16 MiB: huge-page advised, so 2 MiB aligned
     assert t.data_ptr() % (1 << 21) == 0
+    ptr = t.data_ptr()
+    del t
+    for _ in range(3):                          # dropped, it is handed out again: the pool does not grow
+        u = pool.empty((2 << 20, 2), torch.float32)
+        assert u.data_ptr() == ptr
+        del u
+    assert len(pool.bufs) == 1
 
 
 def test_threads_never_share_a_live_buffer():

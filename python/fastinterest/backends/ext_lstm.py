@@ -147,7 +147,11 @@ class WorkspacePool:
                 total -= victim.numel()
             # huge pages where the OS allows (a fresh 13 MB buffer took ~3300 page faults, ~10 ms of
             # system time, to first touch; as 2 MiB pages, 7)
-            best = table_empty((nbytes,), torch.uint8)
+            view = table_empty((nbytes,), torch.uint8)
+            # the pool's own tensor on that storage, not the view: a view keeps its base tensor alive,
+            # whose storage reference would make the buffer look in use forever
+            best = torch.empty(0, dtype=torch.uint8).set_(view.untyped_storage(), view.storage_offset(), (nbytes,))
+            del view
             self.bufs.append(best)
         # a fresh tensor on the pooled storage (not a view: ws tensors are custom-op outputs)
         return torch.empty(0, dtype=dtype).set_(best.untyped_storage(), best.storage_offset() // itemsize,
