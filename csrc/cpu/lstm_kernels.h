@@ -331,12 +331,21 @@ void forward_driver(FwdArgs<T>& a) {
                                                 : a.gbuf + p * H4;
           }
         }
-        const int64_t units = static_cast<int64_t>(next_rows.size()) * row_lines;   // lines to prefetch
+        // The next group's lines, a few before each tile (a burst of them would stall on the
+        // core's outstanding-miss slots): cursor (row ri, line li), no divisions in the loop.
+        const int64_t units = static_cast<int64_t>(next_rows.size()) * row_lines;
+        const int64_t slots = (jb1 - jb0) * ntile;
+        const int64_t per_slot = slots > 0 ? ceil_div(units, slots) : 0;
+        size_t ri = 0;
+        int64_t li = 0;
         for (int64_t jb = jb0; jb < jb1; ++jb) {
-          for (int64_t u = units * (jb - jb0) / (jb1 - jb0), ue = units * (jb - jb0 + 1) / (jb1 - jb0); u < ue; ++u)
-            __builtin_prefetch(next_rows[u / row_lines] + 64 * (u % row_lines));
-          for (int i = 0; i < ntile; ++i)
+          for (int i = 0; i < ntile; ++i) {
+            for (int64_t u = 0; u < per_slot && ri < next_rows.size(); ++u) {
+              __builtin_prefetch(next_rows[ri] + 64 * li);
+              if (++li == row_lines) li = 0, ++ri;
+            }
             P::fwd_tile(a, tr[i], mrs[i], jb, hp + p0s[i] * ldst, hn + p0s[i] * ldst, cS + p0s[i] * ldst, ldst);
+          }
         }
       }
       std::swap(hp, hn);
