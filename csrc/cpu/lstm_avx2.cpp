@@ -332,7 +332,7 @@ inline void bwd_tile_mr(const BwdArgs<float>& a, const TileRows<float>& cur, con
       st(dgo + 2 * H, _mm256_mul_ps(_mm256_mul_ps(dcv, ig), _mm256_fnmadd_ps(gg, gg, one)), full, m);
       st(dgo + 3 * H, _mm256_mul_ps(_mm256_mul_ps(dhv, tc), _mm256_mul_ps(og, _mm256_sub_ps(one, og))), full, m);
       _mm256_storeu_ps(dcp, _mm256_mul_ps(dcv, fg));
-      if (a.hprev) st(a.hprev + row * H + ju, hprev, full, m);
+      if (a.hprev) st(a.hprev + row * a.hprev_ld + ju, hprev, full, m);
     }
   }
 }

@@ -173,7 +173,7 @@ struct GenericPolicy {
         dgo[2 * H + u] = dcv * ig * (T(1) - gg * gg);
         dgo[3 * H + u] = dhv * tc * og * (T(1) - og);
         dc[r * ldst + j0 + u] = dcv * fg;
-        if (a.hprev) a.hprev[row * H + j0 + u] = hprev ? hprev[u] : T(0);
+        if (a.hprev) a.hprev[row * a.hprev_ld + j0 + u] = hprev ? hprev[u] : T(0);
       }
     }
   }
@@ -449,7 +449,7 @@ template <typename T>
 void backward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d, const std::optional<MatDesc>& grad_out,
                    std::uintptr_t grad_hn, std::uintptr_t grad_cn, std::uintptr_t gates_ws, std::uintptr_t c_ws,
                    const MatDesc& out, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t whh_bwd,
-                   std::uintptr_t dgates, std::uintptr_t hprev, std::uintptr_t dh0, std::uintptr_t dc0) {
+                   std::uintptr_t dgates, std::uintptr_t hprev, std::uintptr_t dh0, std::uintptr_t dc0, int64_t hprev_ld) {
   PlanOwner po(plan_d);
   Plan& pl = po.pl;
   std::vector<T> scratch(static_cast<size_t>(bwd_scratch_numel(pl.B, H)));
@@ -472,6 +472,8 @@ void backward_impl(int nthreads, int64_t H, bool reverse, const PlanDesc& plan_d
   a.whh_bwd = ptr<const T>(whh_bwd);
   a.dgates = ptr<T>(dgates);
   a.hprev = hprev ? ptr<T>(hprev) : nullptr;
+  if (hprev_ld != 0 && hprev_ld < H) throw std::invalid_argument("fastinterest lstm (cpu) backward: hprev_ld < H");
+  a.hprev_ld = hprev_ld ? hprev_ld : H;
   a.dh0 = dh0 ? ptr<T>(dh0) : nullptr;
   a.dc0 = dc0 ? ptr<T>(dc0) : nullptr;
   py::gil_scoped_release nogil;
@@ -764,24 +766,25 @@ the BLAS threshold run the recurrence through the BLAS set by lstm_set_sgemm.)do
         [](int dtype, int nthreads, int64_t H, bool reverse, const PlanDesc& plan, const std::optional<MatDesc>& grad_out,
            std::uintptr_t grad_hn, std::uintptr_t grad_cn, std::uintptr_t gates_ws, std::uintptr_t c_ws,
            const MatDesc& out, std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t whh_bwd, std::uintptr_t dgates,
-           std::uintptr_t hprev, std::uintptr_t dh0, std::uintptr_t dc0) {
+           std::uintptr_t hprev, std::uintptr_t dh0, std::uintptr_t dc0, int64_t hprev_ld) {
           check_dtype(dtype);
           if (dtype == 0)
             backward_impl<float>(nthreads, H, reverse, plan, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, h0, c0,
-                                 whh_bwd, dgates, hprev, dh0, dc0);
+                                 whh_bwd, dgates, hprev, dh0, dc0, hprev_ld);
           else
             backward_impl<double>(nthreads, H, reverse, plan, grad_out, grad_hn, grad_cn, gates_ws, c_ws, out, h0, c0,
-                                  whh_bwd, dgates, hprev, dh0, dc0);
+                                  whh_bwd, dgates, hprev, dh0, dc0, hprev_ld);
         },
         py::arg("dtype"), py::arg("nthreads"), py::arg("H"), py::arg("reverse"), py::arg("plan"),
         py::arg("grad_out"), py::arg("grad_hn"), py::arg("grad_cn"), py::arg("gates_ws"), py::arg("c_ws"),
         py::arg("out"), py::arg("h0"), py::arg("c0"), py::arg("whh_bwd"), py::arg("dgates"), py::arg("hprev"),
-        py::arg("dh0"), py::arg("dc0"),
+        py::arg("dh0"), py::arg("dc0"), py::arg("hprev_ld") = 0,
         R"doc(BPTT of one direction of one layer. grad_out: dL/dh per valid step (H columns) or None;
 grad_hn, grad_cn: [B, H] batch order or 0; gates_ws [N, 4H], c_ws [N, H] and out (h, H columns) as
 written by lstm_forward; h0, c0: [B, H] or 0; whh_bwd: 'bwd' panels of W_hh. Writes dgates [N, 4H]
 (dL/d gate pre-activations, i f g o; dW_ih = dgates^T x, dW_hh = dgates^T hprev, db = sum rows),
-hprev [N, H] (h entering each step) or 0 to skip, dh0 and dc0 [B, H] batch order or 0.)doc");
+hprev [N, H] (h entering each step; rows hprev_ld apart, 0: H) or 0 to skip, dh0 and dc0 [B, H] batch
+order or 0.)doc");
 
   m.def("lstm_step",
         [](int dtype, int nthreads, int64_t B, int64_t H, const std::optional<MatDesc>& x, int64_t E0,

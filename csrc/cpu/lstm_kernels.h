@@ -142,6 +142,7 @@ struct BwdArgs {
   const T* whh_bwd = nullptr;      // "bwd" panels of W_hh
   T* dgates = nullptr;             // [N, 4H] packed rows: dL/d(gate pre-activations), i f g o
   T* hprev = nullptr;              // [N, H] packed rows: h entering each step (for dW_hh), or null
+  int64_t hprev_ld = 0;            // hprev's row stride (>= H)
   T* dh0 = nullptr;                // [B, H] batch order, or null
   T* dc0 = nullptr;                // [B, H] batch order, or null
   T* scratch = nullptr;            // [max(B, 1), ceil16(H)] (dL/dc carry), from the caller
