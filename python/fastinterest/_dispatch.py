@@ -85,8 +85,23 @@ def resolve(op: str, device: torch.device | str, dtype: torch.dtype, backend: st
     return _resolve(op, torch.device(device).type, dtype, backend)
 
 
+_RESOLVED: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _resolve(op: str, dev: str, dtype: torch.dtype, backend: str | None) -> str:
+    # memoised per (op, device, dtype, argument, environment): the answer only changes with them (the
+    # backends' availability is fixed once their modules are imported), and the lookup runs on every call
+    # of every op (the loop below, with its availability checks, cost ~5 us a call)
+    key = (op, dev, dtype, backend, os.environ.get(f"FASTINTEREST_{op.upper()}_BACKEND"),
+           os.environ.get("FASTINTEREST_BACKEND"))
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve_uncached(op, dev, dtype, backend)
+    return hit
+
+
+def _resolve_uncached(op: str, dev: str, dtype: torch.dtype, backend: str | None) -> str:
     source = "argument"
     if backend is None:
         env_op = f"FASTINTEREST_{op.upper()}_BACKEND"

@@ -24,6 +24,13 @@ def _module(device: torch.device):
     return _ext.cuda() if device.type == "cuda" else _ext.cpu()
 
 
+def _launch_arg(device: torch.device) -> int:
+    """The last argument of the kernels' entry points: the CUDA stream, or the CPU thread count."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return torch.get_num_threads()
+
+
 def _launch_args(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"stream": torch.cuda.current_stream(device).cuda_stream}
@@ -60,6 +67,8 @@ def _on(device: torch.device):
 
 
 def forward(weight, indices, offsets, psw, mode, skip_idx):
+    if weight.device.type != "cuda":
+        return _forward(weight, indices, offsets, psw, mode, skip_idx)
     with _on(weight.device):
         return _forward(weight, indices, offsets, psw, mode, skip_idx)
 
@@ -78,12 +87,12 @@ def _forward(weight, indices, offsets, psw, mode, skip_idx):
     acc = acc_dtype(weight.dtype)
     out = torch.empty((B, D), dtype=acc, device=weight.device)
     maxpos = torch.empty((B, D) if mode == 2 else (0,), dtype=torch.long, device=weight.device)
+    # positional: pybind11's keyword matching cost several microseconds a call
+    # (weight, wdtype, V, D, idx, idtype, N, off, odtype, B, psw, mode, skip_idx, out, maxpos, nthreads | stream)
     bad = _module(weight.device).embedding_forward(
-        weight=weight.data_ptr(), wdtype=DTYPE_CODE[weight.dtype], V=V, D=D,
-        idx=indices.data_ptr(), idtype=DTYPE_CODE[indices.dtype], N=indices.numel(),
-        off=_ptr(offsets), odtype=DTYPE_CODE[offsets.dtype] if offsets is not None else 5, B=B,
-        psw=_ptr(psw), mode=mode, skip_idx=skip_idx, out=out.data_ptr(),
-        maxpos=maxpos.data_ptr() if mode == 2 else 0, **_launch_args(weight.device))
+        weight.data_ptr(), DTYPE_CODE[weight.dtype], V, D, indices.data_ptr(), DTYPE_CODE[indices.dtype],
+        indices.numel(), _ptr(offsets), DTYPE_CODE[offsets.dtype] if offsets is not None else 5, B, _ptr(psw), mode,
+        skip_idx, out.data_ptr(), maxpos.data_ptr() if mode == 2 else 0, _launch_arg(weight.device))
     if bad and weight.device.type == "cpu":
         raise BadInput()
     return out, maxpos
