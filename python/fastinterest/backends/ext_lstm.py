@@ -476,7 +476,7 @@ def packed_forward(kernel, x: Tensor, lengths: Tensor, h0: Optional[Tensor], c0:
     cells, louts, masks = _split_ws(ws, kernel.padded_io, num_layers, dirs, dropout_active)
     h_n = x.new_empty(num_layers * dirs, B, H)
     c_n = x.new_empty(num_layers * dirs, B, H)
-    out = x.new_empty((B, T, dirs * H) if batch_first else (T, B, dirs * H))
+    out = _empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), x)   # pooled on the CPU: no page faults
     if N == 0:
         out.zero_()
         h_n.copy_(h0) if h0 is not None else h_n.zero_()
@@ -612,7 +612,7 @@ def packed_backward(kernel, grad_out: Tensor, grad_hn: Optional[Tensor], grad_cn
         if layer > 0:
             g_above = dx * masks[layer - 1][:N] if dropout_active else dx
         else:
-            grad_x = x.new_zeros(M, E).index_copy_(0, pidx, dx).view(x.shape)
+            grad_x = _empty((M, E), x).zero_().index_copy_(0, pidx, dx).view(x.shape)
     return grad_x, grad_h0, grad_c0, gw
 
 
