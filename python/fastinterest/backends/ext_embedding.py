@@ -32,9 +32,7 @@ def _launch_arg(device: torch.device) -> int:
 
 
 def _launch_args(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"stream": torch.cuda.current_stream(device).cuda_stream}
-    return {"nthreads": torch.get_num_threads()}
+    return {"stream" if device.type == "cuda" else "nthreads": _launch_arg(device)}
 
 
 def first_bad_index(indices: torch.Tensor, num_rows: int) -> int:
