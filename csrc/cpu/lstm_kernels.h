@@ -251,10 +251,10 @@ void forward_driver(FwdArgs<T>& a) {
   int nthreads = 1;
   if (row_split) nthreads = a.nthreads;
   else if (n0 * H * 4 * H >= kUnitSplitMinMacs) nthreads = static_cast<int>(std::min<int64_t>(a.nthreads, nb));
-  // Projected-table input: each thread gathers (and sums over fields) the 4H-wide table rows of a
-  // group of its positions into gbuf, reading each 2 KB row once and sequentially, and the group's
-  // tiles then read gbuf. Read directly by the tiles instead, each row was touched in ceil(H/8)
-  // scattered 128-byte pieces (nearly all DRAM misses).
+  // Projected-table input, a group of positions at a time (below): with one field the tiles read the
+  // 4H-wide table rows in place, with several their sum gathered into gbuf; either way the rows were
+  // prefetched while the previous group computed (read cold, a row was touched in ceil(H/8) scattered
+  // 128-byte pieces, nearly all DRAM misses).
   const GateInput<T>& in = a.in;
   const bool gather = in.nfields > 0 && (row_split || nthreads == 1);
   a.gbuf = gather ? a.scratch + 3 * plane : nullptr;
@@ -287,9 +287,9 @@ void forward_driver(FwdArgs<T>& a) {
       // (Unit blocks outer and all rows inner cycled the rows and states through L2 instead.)
       for (int64_t g0 = k0 * P::MR; g0 < n; g0 += gstride) {
         if (gather) {
-          // The group's table rows (summed over fields) into gbuf: ~kTileGroup MR rows of 4H, which
-          // stay in L1/L2 next to W_hh. (Gathering the whole step's rows at once, 2 KB per position,
-          // filled L2 and pushed W_hh out of it.)
+          // Several fields: the group's summed table rows into gbuf, ~kTileGroup MR rows of 4H that stay
+          // in L1/L2 next to W_hh. (Gathering the whole step's rows at once, 2 KB per position, filled
+          // L2 and pushed W_hh out of it.)
           if (in.nfields > 1)
             group_rows(s, g0, [&](int64_t p) {
               const int64_t b = pl.perm[p], t = time_of(pl, s, p, a.reverse);
@@ -300,8 +300,8 @@ void forward_driver(FwdArgs<T>& a) {
                 for (int64_t j = 0; j < H4; ++j) dst[j] += src[j];
               }
             });
-          // The next group's rows (this step's, or the first group of the next step), prefetched a
-          // slice per unit block below: a whole group's compute ahead of their use.
+          // The next group's rows (this step's, or the first group of the next step), prefetched a few
+          // lines before each tile below: a whole group's compute ahead of their use.
           next_rows.clear();
           int64_t s2 = s, g2 = g0 + gstride;
           if (g2 >= n) s2 = s + 1, g2 = k0 * P::MR;
